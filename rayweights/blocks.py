@@ -1,0 +1,456 @@
+"""The weight tokenizer: state_dicts <-> fixed-size weight blocks.
+
+A :class:`WeightLayout` records, for a family of state_dicts with identical names/shapes/dtypes,
+how parameters are grouped (a registered *grouping rule*), where each parameter sits inside its
+group, and how every group is zero-padded to a multiple of ``block_size`` and cut into blocks.
+Concatenating a checkpoint's blocks in block order gives the padded flat vector, so block-wise
+generators (Denoised Weights) and whole-vector generators (p-diff, D2NWG) read the same data.
+
+Grouping rules (Denoised Neural Weights, Sec. 5 ablation):
+
+1. per layer *i*: its LoRA down, LoRA up, then its norm layer, each flattened and appended;
+2. the same groups, but the tensors are concatenated along the channel dimension (dim 0) before
+   flattening: channel *c* of every tensor of the group sits together (channel-interleaved);
+3. every tensor its own group.
+
+"Layer" = the module owning a parameter, with LoRA sub-modules (``lora_down``/``lora_up``/
+``lora_A``/``lora_B``) folded into their host, and a module holding only 1-D tensors (BN, LN,
+GN) attached to the preceding layer ("then its BN").  More rules can be added with
+:func:`register_rule`.
+
+Tokenize -> detokenize is bit-exact for float32, float16 and bfloat16 (every such value is exactly
+representable in float32).  Per-group normalisation (mean/std fitted over a zoo) is kept in the
+layout and applied/undone on block tensors with :meth:`WeightLayout.normalize` /
+:meth:`WeightLayout.denormalize`; padding stays exactly zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+__all__ = ["WeightLayout", "ParamSpec", "GroupSpec", "LayoutError", "GROUPING_RULES",
+           "register_rule", "FORMAT_VERSION"]
+
+FORMAT_VERSION = "rayweights.layout/1"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_LORA_RE = re.compile(r"(^|\.)(lora_down|lora_up|lora_A|lora_B|lora_a|lora_b)(\.default)?$")
+_LORA_NAME_RE = re.compile(r"(^|\.)(lora_down|lora_up|lora_A|lora_B|lora_a|lora_b)(\.|$)")
+
+
+class LayoutError(ValueError):
+    """A state_dict, block tensor or layout file does not match the layout (names the parameter)."""
+
+
+# --------------------------------------------------------------------------- grouping rules
+Entry = tuple[str, tuple[int, ...]]
+GroupDef = tuple[str, list[str], bool]          # (group name, parameter names, channel-interleave)
+GROUPING_RULES: dict[int | str, Callable[[Sequence[Entry]], list[GroupDef]]] = {}
+
+
+def register_rule(key: int | str):
+    """Register a grouping rule: ``fn(entries: [(name, shape)]) -> [(group, [names], interleave)]``."""
+
+    def deco(fn):
+        GROUPING_RULES[key] = fn
+        return fn
+
+    return deco
+
+
+def _layer_of(name: str) -> str:
+    module = name.rsplit(".", 1)[0] if "." in name else ""
+    return _LORA_RE.sub("", module)
+
+
+def _layer_groups(entries: Sequence[Entry]) -> list[tuple[str, list[str]]]:
+    order: list[str] = []
+    members: dict[str, list[Entry]] = {}
+    for name, shape in entries:
+        layer = _layer_of(name)
+        if layer not in members:
+            members[layer] = []
+            order.append(layer)
+        members[layer].append((name, shape))
+    groups: list[tuple[str, list[str], bool]] = []  # name, params, has_matrix
+    for layer in order:
+        ents = members[layer]
+        only_vectors = all(len(s) <= 1 for _, s in ents)
+        if only_vectors and groups and groups[-1][2]:
+            groups[-1][1].extend(n for n, _ in ents)   # "then its BN"
+            groups[-1] = (groups[-1][0], groups[-1][1], False)  # a layer takes one norm
+        else:
+            groups.append((layer or "<root>", [n for n, _ in ents], not only_vectors))
+    return [(g, names) for g, names, _ in groups]
+
+
+@register_rule(1)
+def _rule_append(entries: Sequence[Entry]) -> list[GroupDef]:
+    return [(g, names, False) for g, names in _layer_groups(entries)]
+
+
+@register_rule(2)
+def _rule_channel_concat(entries: Sequence[Entry]) -> list[GroupDef]:
+    return [(g, names, True) for g, names in _layer_groups(entries)]
+
+
+@register_rule(3)
+def _rule_per_tensor(entries: Sequence[Entry]) -> list[GroupDef]:
+    return [(name, [name], False) for name, _ in entries]
+
+
+# --------------------------------------------------------------------------- selection
+def _norm_layers(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Modules that look like normalisation layers: only 1-D float params, with a weight."""
+    mods: dict[str, list[str]] = {}
+    for name, t in sd.items():
+        mods.setdefault(_layer_of(name), []).append(name)
+    out = []
+    for mod, names in mods.items():
+        floats = [n for n in names if torch.is_floating_point(sd[n])]
+        if not floats:
+            continue
+        has_running = any(n.endswith("running_mean") for n in names)
+        vectors = all(sd[n].dim() <= 1 for n in floats)
+        if has_running or (vectors and any(n.endswith("weight") for n in floats)):
+            out.append(mod)
+    return out
+
+
+def _select(sd: Mapping[str, torch.Tensor], select) -> list[str]:
+    floats = [n for n, t in sd.items() if torch.is_tensor(t) and torch.is_floating_point(t)]
+    if select is None or select == "all":
+        return floats
+    if isinstance(select, str):
+        if select == "lora":
+            names = [n for n in floats if _LORA_NAME_RE.search(n)]
+        elif select in ("norm", "bn"):
+            norms = set(_norm_layers(sd))
+            names = [n for n in floats if _layer_of(n) in norms and n.rsplit(".", 1)[-1] in ("weight", "bias")]
+        elif m := re.fullmatch(r"(norm-)?last:(\d+)", select):
+            k = int(m.group(2))
+            if m.group(1):
+                layers = _norm_layers(sd)[-k:] if k else []
+                names = [n for n in floats if _layer_of(n) in set(layers) and n.rsplit(".", 1)[-1] in ("weight", "bias")]
+            else:
+                layers: list[str] = []
+                for n in floats:
+                    layer = _layer_of(n)
+                    if layer not in layers:
+                        layers.append(layer)
+                keep = set(layers[-k:]) if k else set()
+                names = [n for n in floats if _layer_of(n) in keep]
+        else:
+            raise LayoutError(f"select: unknown keyword {select!r} (all, lora, norm, last:K, norm-last:K, or a list of regexes)")
+    elif isinstance(select, (list, tuple)):
+        pats = [re.compile(p) for p in select]
+        names = [n for n in floats if any(p.search(n) for p in pats)]
+    else:
+        raise LayoutError(f"select: expected None, a keyword or a list of regexes, got {type(select).__name__}")
+    if not names:
+        raise LayoutError(f"select={select!r} matched no floating-point parameter")
+    return names
+
+
+# --------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    group: int
+    offset: int          # offset inside the group's unpadded (rule-1 order) vector
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str
+    params: tuple[str, ...]
+    numel: int
+    num_blocks: int
+    first_block: int
+    interleave: bool = False
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass(frozen=True, eq=True)
+class WeightLayout:
+    block_size: int
+    rule: int | str
+    params: tuple[ParamSpec, ...]
+    groups: tuple[GroupSpec, ...]
+    excluded: tuple[str, ...] = ()
+    select: str | None = None
+    _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], rule: int | str = 1, block_size: int = 256,
+                        select=None) -> "WeightLayout":
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+            raise LayoutError(f"block_size must be a positive integer, got {block_size!r}")
+        if rule not in GROUPING_RULES:
+            raise LayoutError(f"rule: unknown grouping rule {rule!r} (registered: {sorted(map(str, GROUPING_RULES))})")
+        names = _select(sd, select)
+        for n in names:
+            if sd[n].dtype not in _DTYPE_NAMES:
+                raise LayoutError(f"{n}: dtype {sd[n].dtype} is not supported (float32, float16, bfloat16)")
+        entries = [(n, tuple(sd[n].shape)) for n in names]
+        defs = GROUPING_RULES[rule](entries)
+        seen = [n for _, ns, _ in defs for n in ns]
+        if sorted(seen) != sorted(names):
+            raise LayoutError(f"rule {rule!r} must place every selected parameter exactly once")
+        params: list[ParamSpec] = []
+        groups: list[GroupSpec] = []
+        first = 0
+        for gi, (gname, gnames, interleave) in enumerate(defs):
+            off = 0
+            for n in gnames:
+                p = ParamSpec(n, tuple(sd[n].shape), _DTYPE_NAMES[sd[n].dtype], gi, off)
+                params.append(p)
+                off += p.numel
+            nb = max(1, -(-off // block_size))
+            groups.append(GroupSpec(gname, tuple(gnames), off, nb, first, bool(interleave)))
+            first += nb
+        excluded = tuple(n for n in sd if n not in set(names))
+        sel = None if select is None else json.dumps(select) if not isinstance(select, str) else select
+        return cls(block_size, rule, tuple(params), tuple(groups), excluded, sel)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_blocks(self) -> int:
+        g = self.groups[-1]
+        return g.first_block + g.num_blocks
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    @property
+    def has_stats(self) -> bool:
+        return all(g.mean is not None and g.std is not None for g in self.groups)
+
+    def _cached(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    @property
+    def block_group(self) -> torch.Tensor:
+        """int64 [num_blocks]: group id of every block."""
+        return self._cached("block_group", lambda: torch.repeat_interleave(
+            torch.arange(len(self.groups)), torch.tensor([g.num_blocks for g in self.groups])))
+
+    @property
+    def valid_mask(self) -> torch.Tensor:
+        """bool [num_blocks, block_size]: True where a real weight (not padding) sits."""
+        def build():
+            mask = torch.zeros(self.num_blocks * self.block_size, dtype=torch.bool)
+            for g in self.groups:
+                s = g.first_block * self.block_size
+                mask[s:s + g.numel] = True
+            return mask.view(self.num_blocks, self.block_size)
+        return self._cached("valid_mask", build)
+
+    def _global_offsets(self) -> list[int]:
+        def build():
+            return [self.groups[p.group].first_block * self.block_size + p.offset for p in self.params]
+        return self._cached("offsets", build)
+
+    def _perm(self, gi: int) -> torch.Tensor:
+        """Rule-2 gather index: interleaved[k] = appended[perm[k]] within group ``gi``."""
+        def build():
+            g = self.groups[gi]
+            chans, src = [], []
+            for p in (q for q in self.params if q.group == gi):
+                rows = p.shape[0] if len(p.shape) >= 1 else 1
+                cols = p.numel // max(rows, 1) if rows else 0
+                chans.append(torch.arange(rows).repeat_interleave(cols))
+                src.append(p.offset + torch.arange(p.numel))
+            c = torch.cat(chans) if chans else torch.zeros(0, dtype=torch.long)
+            s = torch.cat(src) if src else torch.zeros(0, dtype=torch.long)
+            order = torch.argsort(c, stable=True)
+            perm = s[order]
+            assert perm.numel() == g.numel
+            return perm
+        return self._cached(("perm", gi), build)
+
+    # ------------------------------------------------------------------ tokenize
+    def check_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Raise LayoutError naming the first missing/extra/misshaped parameter."""
+        known = set(self.param_names)
+        for p in self.params:
+            if p.name not in sd:
+                raise LayoutError(f"{p.name}: missing from the state_dict")
+            t = sd[p.name]
+            if tuple(t.shape) != p.shape:
+                raise LayoutError(f"{p.name}: shape {tuple(t.shape)} does not match the layout's {p.shape}")
+            if _DTYPE_NAMES.get(t.dtype) != p.dtype:
+                raise LayoutError(f"{p.name}: dtype {t.dtype} does not match the layout's {p.dtype}")
+        excluded = set(self.excluded)
+        for n in sd:
+            if n not in known and n not in excluded:
+                raise LayoutError(f"{n}: extra parameter not in the layout")
+
+    def tokenize_flat(self, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self.check_state_dict(sd)
+        out = torch.zeros(self.num_blocks * self.block_size, dtype=torch.float32)
+        for p, off in zip(self.params, self._global_offsets()):
+            out[off:off + p.numel].copy_(sd[p.name].detach().reshape(-1))
+        for gi, g in enumerate(self.groups):
+            if g.interleave and g.numel:
+                s = g.first_block * self.block_size
+                seg = out[s:s + g.numel]
+                seg.copy_(seg[self._perm(gi)])
+        return out
+
+    def tokenize(self, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """float32 [num_blocks, block_size], zero-padded per group."""
+        return self.tokenize_flat(sd).view(self.num_blocks, self.block_size)
+
+    def detokenize(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`tokenize`: original names, shapes and dtypes, bit-exact."""
+        if not torch.is_tensor(blocks):
+            raise LayoutError(f"blocks: expected a tensor, got {type(blocks).__name__}")
+        expect = (self.num_blocks, self.block_size)
+        if blocks.dim() == 1 and blocks.numel() == self.num_blocks * self.block_size:
+            flat = blocks
+        elif tuple(blocks.shape) == expect:
+            flat = blocks.reshape(-1)
+        else:
+            raise LayoutError(f"blocks: shape {tuple(blocks.shape)} does not match the layout's {expect} "
+                              f"(block_size {self.block_size})")
+        flat = flat.detach().to(torch.float32)
+        if any(g.interleave for g in self.groups):
+            flat = flat.clone()
+            for gi, g in enumerate(self.groups):
+                if g.interleave and g.numel:
+                    s = g.first_block * self.block_size
+                    seg = flat[s:s + g.numel].clone()
+                    flat[s:s + g.numel][self._perm(gi)] = seg
+        out = {}
+        for p, off in zip(self.params, self._global_offsets()):
+            out[p.name] = flat[off:off + p.numel].reshape(p.shape).to(_DTYPES[p.dtype]).clone()
+        return out
+
+    # ------------------------------------------------------------------ normalisation
+    def fit_stats(self, blocks: torch.Tensor, eps: float = 1e-8) -> "WeightLayout":
+        """Per-group mean/std over real weights of ``blocks`` [N, num_blocks, block_size]."""
+        if blocks.dim() == 2:
+            blocks = blocks.unsqueeze(0)
+        if tuple(blocks.shape[1:]) != (self.num_blocks, self.block_size):
+            raise LayoutError(f"blocks: shape {tuple(blocks.shape)} does not match (N, {self.num_blocks}, {self.block_size})")
+        x = blocks.to(torch.float64)
+        mask = self.valid_mask.to(torch.float64)
+        bg = self.block_group
+        per_block_sum = (x * mask).sum(dim=(0, 2))
+        per_block_sq = (x * x * mask).sum(dim=(0, 2))
+        G = len(self.groups)
+        s = torch.zeros(G, dtype=torch.float64).index_add_(0, bg, per_block_sum)
+        sq = torch.zeros(G, dtype=torch.float64).index_add_(0, bg, per_block_sq)
+        count = torch.tensor([max(g.numel, 1) for g in self.groups], dtype=torch.float64) * x.shape[0]
+        mean = s / count
+        std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(eps)
+        groups = tuple(dataclasses.replace(g, mean=float(m), std=float(sd))
+                       for g, m, sd in zip(self.groups, mean.tolist(), std.tolist()))
+        return dataclasses.replace(self, groups=groups, _cache={})
+
+    def _stat_vectors(self, device, dtype):
+        if not self.has_stats:
+            raise LayoutError("layout has no normalisation stats: call fit_stats first")
+        mean = torch.tensor([g.mean for g in self.groups], dtype=dtype, device=device)[self.block_group.to(device)]
+        std = torch.tensor([g.std for g in self.groups], dtype=dtype, device=device)[self.block_group.to(device)]
+        return mean[:, None], std[:, None], self.valid_mask.to(device=device, dtype=dtype)
+
+    def normalize(self, blocks: torch.Tensor, block_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(blocks - mean_g) / std_g on real weights; padding stays 0. ``blocks`` [..., nb, bs],
+        or [..., bs] rows with their global ``block_index``."""
+        mean, std, mask = self._stat_vectors(blocks.device, blocks.dtype)
+        if block_index is not None:
+            mean, std, mask = mean[block_index], std[block_index], mask[block_index]
+        return (blocks - mean) / std * mask
+
+    def denormalize(self, blocks: torch.Tensor, block_index: torch.Tensor | None = None) -> torch.Tensor:
+        mean, std, mask = self._stat_vectors(blocks.device, blocks.dtype)
+        if block_index is not None:
+            mean, std, mask = mean[block_index], std[block_index], mask[block_index]
+        return (blocks * std + mean) * mask
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "block_size": self.block_size,
+            "rule": self.rule,
+            "select": self.select,
+            "num_blocks": self.num_blocks,
+            "num_params": self.num_params,
+            "params": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "group": p.group,
+                        "offset": p.offset} for p in self.params],
+            "groups": [{"name": g.name, "params": list(g.params), "numel": g.numel, "num_blocks": g.num_blocks,
+                        "first_block": g.first_block, "padding": g.num_blocks * self.block_size - g.numel,
+                        "interleave": g.interleave, "mean": g.mean, "std": g.std} for g in self.groups],
+            "excluded": list(self.excluded),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "WeightLayout":
+        version = d.get("format_version") if isinstance(d, Mapping) else None
+        if version != FORMAT_VERSION:
+            raise LayoutError(f"layout format_version {version!r} is not supported (expected {FORMAT_VERSION!r})")
+        try:
+            params = tuple(ParamSpec(p["name"], tuple(p["shape"]), p["dtype"], p["group"], p["offset"])
+                           for p in d["params"])
+            groups = tuple(GroupSpec(g["name"], tuple(g["params"]), g["numel"], g["num_blocks"], g["first_block"],
+                                     g.get("interleave", False), g.get("mean"), g.get("std")) for g in d["groups"])
+            rule = d["rule"]
+            layout = cls(int(d["block_size"]), rule, params, groups, tuple(d.get("excluded", ())), d.get("select"))
+        except (KeyError, TypeError) as exc:
+            raise LayoutError(f"layout is malformed: missing or bad field {exc}") from exc
+        for p in layout.params:
+            if p.dtype not in _DTYPES:
+                raise LayoutError(f"{p.name}: unknown dtype {p.dtype!r} in layout")
+        return layout
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "WeightLayout":
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LayoutError(f"layout is not valid JSON: {exc}") from exc
+        return cls.from_dict(d)
+
+    def same_structure(self, other: "WeightLayout") -> bool:
+        """Equal up to normalisation stats."""
+        strip = lambda L: tuple(dataclasses.replace(g, mean=None, std=None) for g in L.groups)
+        return (self.block_size, self.rule, self.params, strip(self)) == (other.block_size, other.rule, other.params, strip(other))
+
+    def describe(self) -> str:
+        rows = [f"WeightLayout: {len(self.params)} tensors, {self.num_params} weights, {len(self.groups)} groups, "
+                f"{self.num_blocks} blocks x {self.block_size} (rule {self.rule})"]
+        for g in self.groups:
+            rows.append(f"  [{g.first_block:>6}..{g.first_block + g.num_blocks - 1:>6}] {g.name}: {g.numel} weights"
+                        f" in {len(g.params)} tensors")
+        return "\n".join(rows)

@@ -1,0 +1,41 @@
+"""Ray start-up shared by every job: an embedded local Ray, or the cluster we were submitted to."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+__all__ = ["ray_init"]
+
+log = logging.getLogger(__name__)
+
+
+def ray_init(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Connect to Ray once per process.
+
+    * ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) -> join that cluster;
+    * otherwise start an embedded local Ray on this machine (``num_cpus`` defaults to all cores).
+
+    The package's own directory is shipped to local workers through ``PYTHONPATH`` so that jobs
+    run from a source checkout work without an install.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = {"log_to_driver": not quiet, "ignore_reinit_error": True}
+    if address:
+        ray.init(address=address, **kwargs)
+        log.info("connected to Ray cluster at %s", address)
+        return
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pythonpath = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
+    env_vars = {"PYTHONPATH": pythonpath}
+    for var in ("RAYWEIGHTS_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+                "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var):
+            env_vars[var] = os.environ[var]
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars}, **kwargs)
+    log.info("started an embedded local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))

@@ -1,0 +1,564 @@
+"""Weight-block tables: one Parquet file per zoo member, a consolidated members manifest.
+
+On-storage layout of a zoo (``<root>`` = the zoo URI, a local folder, ``file://`` or ``s3://``)::
+
+    <root>/layout.json                                   WeightLayout (written once)
+    <root>/blocks/task=<task_id>/member=<member_id>.parquet   all kept checkpoints of one member
+    <root>/members/<member_id>.json                      manifest entry, written after its file
+    <root>/failures/<member_id>.json                     members that kept failing, with the error
+    <root>/_manifest/CURRENT                             {"version": N, "snapshot": ...}
+    <root>/_manifest/snapshot-<N>.parquet                consolidated entries (+ the entry mtimes)
+    <root>/compacted/v<N>/part-<k>.parquet               files written by compaction
+
+Visibility rules, which make partial writes invisible and reads cheap at 10^4-10^5 members:
+
+* a member exists only once its entry ``members/<id>.json`` exists, and that entry is written only
+  after its blocks file is complete (single PUT on S3, write + rename locally);
+* :func:`open_zoo` reads ``CURRENT`` and its snapshot, then *lists* ``members/`` and ``blocks/``
+  (one request per 1000 keys) and GETs only entries that are newer than the snapshot: no request
+  per member, and readers plan reads from the explicit file list, never by listing for data;
+* compaction writes the new large files, then a new snapshot, then swaps ``CURRENT`` (one atomic
+  object write): a reader sees the old files or the new ones, never a mix.
+
+Rows (one per weight block): ``zoo, task_id, condition, member_id, seed, checkpoint (int32),
+group (int32), block_index (int32, global), block (fixed_size_list<float32>[block_size])``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from .blocks import LayoutError, WeightLayout
+from .storage import (Location, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve,
+                      write_bytes_atomic)
+
+__all__ = ["ZooWriter", "CheckpointRecord", "open_zoo", "Zoo", "ZooError", "compact_zoo", "block_schema"]
+
+log = logging.getLogger(__name__)
+
+LAYOUT_FILE = "layout.json"
+CURRENT_FILE = "_manifest/CURRENT"
+MANIFEST_VERSION = "rayweights.manifest/1"
+_S3_ENV = ("RAYWEIGHTS_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+           "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+
+class ZooError(RuntimeError):
+    """A zoo cannot be written or read (the message names the member or file)."""
+
+
+def block_schema(block_size: int) -> pa.Schema:
+    return pa.schema([
+        ("zoo", pa.string()),
+        ("task_id", pa.string()),
+        ("condition", pa.string()),
+        ("member_id", pa.string()),
+        ("seed", pa.int64()),
+        ("checkpoint", pa.int32()),
+        ("group", pa.int32()),
+        ("block_index", pa.int32()),
+        ("block", pa.list_(pa.float32(), block_size)),
+    ])
+
+
+_SNAPSHOT_SCHEMA = pa.schema([
+    ("member_id", pa.string()),
+    ("task_id", pa.string()),
+    ("condition", pa.string()),
+    ("seed", pa.int64()),
+    ("checkpoints", pa.list_(pa.int32())),
+    ("metrics", pa.string()),
+    ("hparams", pa.string()),
+    ("file", pa.string()),
+    ("num_rows", pa.int64()),
+    ("entry_mtime_ns", pa.int64()),
+])
+MEMBER_COLUMNS = [f.name for f in _SNAPSHOT_SCHEMA if f.name != "entry_mtime_ns"]
+
+
+@dataclass
+class CheckpointRecord:
+    """One kept checkpoint of a member: a state_dict (or its blocks) and its metrics."""
+
+    step: int
+    state_dict: Mapping[str, torch.Tensor] | None = None
+    blocks: torch.Tensor | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def _safe_key(value: str, what: str) -> str:
+    if not value or "/" in value or value in (".", "..") or "\n" in value:
+        raise ZooError(f"{what} {value!r} is not usable in a storage key (no '/', not empty)")
+    return value
+
+
+def _read_layout(root: Location) -> WeightLayout:
+    loc = root.join(LAYOUT_FILE)
+    try:
+        text = read_bytes(loc)
+    except FileNotFoundError:
+        raise ZooError(f"no zoo at {root.describe()}: {LAYOUT_FILE} is missing") from None
+    try:
+        return WeightLayout.from_json(text)
+    except LayoutError as exc:
+        raise ZooError(f"{loc.describe()}: {exc}") from exc
+
+
+def _layout_difference(a: WeightLayout, b: WeightLayout) -> str:
+    if a.block_size != b.block_size:
+        return f"block_size {a.block_size} vs {b.block_size}"
+    if a.rule != b.rule:
+        return f"rule {a.rule} vs {b.rule}"
+    an, bn = {p.name: p for p in a.params}, {p.name: p for p in b.params}
+    for n in an:
+        if n not in bn:
+            return f"parameter {n} only in the existing layout"
+        if an[n].shape != bn[n].shape or an[n].dtype != bn[n].dtype:
+            return f"parameter {n}: {an[n].shape}/{an[n].dtype} vs {bn[n].shape}/{bn[n].dtype}"
+    for n in bn:
+        if n not in an:
+            return f"parameter {n} only in the new layout"
+    return "grouping differs"
+
+
+class ZooWriter:
+    """Writes members of one zoo. Picklable (holds a URI and a layout), so Ray workers can use it."""
+
+    def __init__(self, uri: str, layout: WeightLayout):
+        self.uri = uri
+        self.layout = layout
+        self._root: Location | None = None
+
+    def __getstate__(self):
+        return {"uri": self.uri, "layout": self.layout.to_json()}
+
+    def __setstate__(self, state):
+        self.uri = state["uri"]
+        self.layout = WeightLayout.from_json(state["layout"])
+        self._root = None
+
+    @property
+    def root(self) -> Location:
+        if self._root is None:
+            self._root = resolve(self.uri)
+        return self._root
+
+    @property
+    def zoo_name(self) -> str:
+        return posixpath.basename(self.root.path.rstrip("/"))
+
+    @classmethod
+    def create(cls, uri: str, layout: WeightLayout) -> "ZooWriter":
+        """Open ``uri`` for writing; write ``layout.json`` unless an identical one is there."""
+        try:
+            root = check_writable(uri)
+        except StorageError as exc:
+            raise ZooError(str(exc)) from exc
+        raw = WeightLayout.from_dict({**layout.to_dict(), "groups": [
+            {**g, "mean": None, "std": None} for g in layout.to_dict()["groups"]]})
+        loc = root.join(LAYOUT_FILE)
+        if exists(loc):
+            existing = _read_layout(root)
+            if not existing.same_structure(raw):
+                raise ZooError(f"{loc.describe()} already holds a different layout "
+                               f"({_layout_difference(existing, raw)}); use another output URI")
+        else:
+            write_bytes_atomic(loc, raw.to_json().encode())
+        return cls(uri, raw)
+
+    # ------------------------------------------------------------------ members
+    def member_file(self, task_id: str, member_id: str) -> str:
+        return f"blocks/task={_safe_key(task_id, 'task_id')}/member={_safe_key(member_id, 'member_id')}.parquet"
+
+    def done_members(self) -> set[str]:
+        """Members with a manifest entry and a blocks file present (what a resume may skip)."""
+        try:
+            return set(open_zoo(self.uri).members.column("member_id").to_pylist())
+        except ZooError:
+            return set()
+
+    def build_table(self, member_id: str, task_id: str, condition: str, seed: int,
+                    checkpoints: Sequence[CheckpointRecord]) -> pa.Table:
+        L = self.layout
+        if not checkpoints:
+            raise ZooError(f"member {member_id}: no checkpoints to write")
+        mats = []
+        for ck in checkpoints:
+            if ck.blocks is not None:
+                b = ck.blocks.detach().to(torch.float32)
+                if tuple(b.shape) != (L.num_blocks, L.block_size):
+                    raise ZooError(f"member {member_id} checkpoint {ck.step}: blocks shape {tuple(b.shape)} "
+                                   f"!= layout ({L.num_blocks}, {L.block_size})")
+            elif ck.state_dict is not None:
+                try:
+                    b = L.tokenize(ck.state_dict)
+                except LayoutError as exc:
+                    raise ZooError(f"member {member_id} checkpoint {ck.step}: {exc}") from exc
+            else:
+                raise ZooError(f"member {member_id} checkpoint {ck.step}: neither state_dict nor blocks")
+            if not bool(torch.isfinite(b).all()):
+                bad = int((~torch.isfinite(b)).any(dim=1).nonzero()[0, 0])
+                raise ZooError(f"member {member_id} checkpoint {ck.step}: NaN/Inf weights (first in block {bad}); "
+                               "not written")
+            mats.append(b.numpy())
+        C, nb, bs = len(mats), L.num_blocks, L.block_size
+        flat = np.concatenate([m.reshape(-1) for m in mats])
+        n = C * nb
+        steps = np.repeat(np.asarray([int(ck.step) for ck in checkpoints], dtype=np.int32), nb)
+        bg = L.block_group.numpy().astype(np.int32)
+        return pa.Table.from_arrays([
+            pa.array(np.full(n, self.zoo_name, dtype=object), pa.string()),
+            pa.array(np.full(n, task_id, dtype=object), pa.string()),
+            pa.array(np.full(n, condition, dtype=object), pa.string()),
+            pa.array(np.full(n, member_id, dtype=object), pa.string()),
+            pa.array(np.full(n, int(seed), dtype=np.int64)),
+            pa.array(steps),
+            pa.array(np.tile(bg, C)),
+            pa.array(np.tile(np.arange(nb, dtype=np.int32), C)),
+            pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), bs),
+        ], schema=block_schema(bs))
+
+    def write_member(self, member_id: str, task_id: str, condition: str, seed: int,
+                     checkpoints: Sequence[CheckpointRecord], hparams: Mapping[str, Any] | None = None) -> dict:
+        """Write a member's blocks file, then its manifest entry. Re-running overwrites both."""
+        rel = self.member_file(task_id, member_id)
+        table = self.build_table(member_id, task_id, condition, seed, checkpoints)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_bytes_atomic(self.root.join(rel), sink.getvalue().to_pybytes())
+        entry = {
+            "format_version": MANIFEST_VERSION,
+            "member_id": member_id, "task_id": task_id, "condition": condition, "seed": int(seed),
+            "checkpoints": [int(c.step) for c in checkpoints],
+            "metrics": [dict(c.metrics) for c in checkpoints],
+            "hparams": dict(hparams or {}),
+            "file": rel, "num_rows": table.num_rows, "written_at": time.time(),
+        }
+        write_bytes_atomic(self.root.join("members", f"{member_id}.json"),
+                           json.dumps(entry, default=float).encode())
+        # a success supersedes an earlier recorded failure
+        delete(self.root.join("failures", f"{member_id}.json"))
+        return entry
+
+    def record_failure(self, member_id: str, task_id: str, error: str, attempts: int = 1) -> None:
+        _safe_key(member_id, "member_id")
+        entry = {"member_id": member_id, "task_id": task_id, "error": error, "attempts": attempts,
+                 "failed_at": time.time()}
+        write_bytes_atomic(self.root.join("failures", f"{member_id}.json"), json.dumps(entry).encode())
+
+    def consolidate(self) -> int:
+        """Fold every manifest entry into a new snapshot; returns the new manifest version."""
+        zoo = open_zoo(self.uri)
+        return zoo._publish(zoo._rows, zoo._entry_mtimes)
+
+
+# ---------------------------------------------------------------------- reading
+def _entry_to_row(e: Mapping) -> dict:
+    return {
+        "member_id": e["member_id"], "task_id": e["task_id"], "condition": e.get("condition", ""),
+        "seed": int(e.get("seed", 0)), "checkpoints": [int(c) for c in e["checkpoints"]],
+        "metrics": json.dumps(e.get("metrics", [])), "hparams": json.dumps(e.get("hparams", {})),
+        "file": e["file"], "num_rows": int(e["num_rows"]),
+    }
+
+
+def _read_parquet(fs: pafs.FileSystem, path: str, columns=None, describe: str | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except FileNotFoundError:
+        raise ZooError(f"blocks file missing: {describe or path}") from None
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise ZooError(f"corrupt or truncated Parquet file {describe or path}: {exc}") from exc
+
+
+class _FileReader:
+    """Ray Data UDF: one row per input file path -> the block rows of that file (numpy batch)."""
+
+    def __init__(self, root_uri: str, unit: str, num_blocks: int, block_size: int,
+                 columns: Sequence[str] | None):
+        self.root_uri, self.unit = root_uri, unit
+        self.num_blocks, self.block_size, self.columns = num_blocks, block_size, columns
+        # the driver's S3 settings travel with the UDF (workers may have started before they were set)
+        self.env = {k: v for k, v in os.environ.items() if k in _S3_ENV}
+        self._root: Location | None = None
+
+    def __call__(self, batch: dict) -> dict:
+        if self._root is None:
+            for k, v in self.env.items():
+                os.environ.setdefault(k, v)
+            self._root = resolve(self.root_uri)
+        self.fs, self.root_path = self._root.fs, self._root.path
+        tables = []
+        for rel, keep in zip(batch["file"], batch["members"]):
+            path = posixpath.join(self.root_path, rel)
+            t = _read_parquet(self.fs, path, describe=path)
+            if keep is not None and len(keep):
+                import pyarrow.compute as pc
+                t = t.filter(pc.is_in(t.column("member_id"), pa.array(list(keep), pa.string())))
+            tables.append(t)
+        t = pa.concat_tables(tables)
+        block = t.column("block").combine_chunks()
+        arr = block.values.to_numpy(zero_copy_only=False).reshape(-1, self.block_size)
+        if self.unit == "checkpoint":
+            nb = self.num_blocks
+            order = np.lexsort((t.column("block_index").to_numpy(), t.column("checkpoint").to_numpy(),
+                                t.column("member_id").to_numpy(zero_copy_only=False)))
+            arr = arr[order].reshape(-1, nb * self.block_size)
+            firsts = order[::nb]
+            out = {c: t.column(c).to_numpy(zero_copy_only=False)[firsts]
+                   for c in ("zoo", "task_id", "condition", "member_id", "seed", "checkpoint")}
+            out["weights"] = arr
+            return out
+        out = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
+               ("zoo", "task_id", "condition", "member_id", "seed", "checkpoint", "group", "block_index")}
+        out["block"] = arr
+        if self.columns:
+            out = {k: v for k, v in out.items() if k in self.columns}
+        return out
+
+
+class Zoo:
+    """A read view of a zoo at one manifest state (see :func:`open_zoo`)."""
+
+    def __init__(self, root: Location, layout: WeightLayout, rows: list[dict], entry_mtimes: dict[str, int],
+                 failures: list[dict], missing: list[str], version: int):
+        self.root = root
+        self.layout = layout
+        self._rows = rows
+        self._entry_mtimes = entry_mtimes
+        self.failure_entries = failures
+        self.missing = missing       # members with an entry whose blocks file is gone
+        self.version = version
+
+    @property
+    def uri(self) -> str:
+        return self.root.uri
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.root.path.rstrip("/"))
+
+    @property
+    def members(self) -> pa.Table:
+        cols = {c: [r[c] for r in self._rows] for c in MEMBER_COLUMNS}
+        schema = pa.schema([f for f in _SNAPSHOT_SCHEMA if f.name != "entry_mtime_ns"])
+        return pa.table(cols, schema=schema)
+
+    @property
+    def failures(self) -> pa.Table:
+        return pa.table({
+            "member_id": pa.array([f["member_id"] for f in self.failure_entries], pa.string()),
+            "task_id": pa.array([f.get("task_id", "") for f in self.failure_entries], pa.string()),
+            "error": pa.array([f.get("error", "") for f in self.failure_entries], pa.string()),
+            "attempts": pa.array([int(f.get("attempts", 1)) for f in self.failure_entries], pa.int64()),
+        })
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def conditions(self) -> list[str]:
+        return sorted({r["condition"] for r in self._rows})
+
+    def _row(self, member_id: str) -> dict:
+        for r in self._rows:
+            if r["member_id"] == member_id:
+                return r
+        raise ZooError(f"member {member_id!r} is not in the zoo at {self.root.describe()}")
+
+    @property
+    def files(self) -> list[tuple[str, list[str] | None]]:
+        """Explicit (relative file, member filter) list: the plan for every read."""
+        by_file: dict[str, list[str]] = {}
+        for r in self._rows:
+            by_file.setdefault(r["file"], []).append(r["member_id"])
+        return [(f, (mids if f.startswith("compacted/") else None)) for f, mids in sorted(by_file.items())]
+
+    # ------------------------------------------------------------------ reads
+    def dataset(self, unit: str = "block", columns: Sequence[str] | None = None, files_per_task: int = 1):
+        """A streaming ``ray.data.Dataset`` of block rows (or whole checkpoints), planned from the
+        manifest's file list (no listing, no per-file metadata requests at plan time)."""
+        import ray.data
+
+        if unit not in ("block", "checkpoint"):
+            raise ValueError(f"unit must be 'block' or 'checkpoint', got {unit!r}")
+        if not self._rows:
+            raise ZooError(f"zoo at {self.root.describe()} has no members")
+        items = [{"file": f, "members": list(m or [])} for f, m in self.files]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 256)))
+        reader = _FileReader(self.root.uri, unit, self.layout.num_blocks, self.layout.block_size,
+                             columns)
+        return ds.map_batches(reader, batch_size=files_per_task, batch_format="numpy")
+
+    def _member_table(self, r: dict) -> pa.Table:
+        path = posixpath.join(self.root.path, r["file"])
+        t = _read_parquet(self.root.fs, path, describe=self.root.join(r["file"]).describe())
+        if r["file"].startswith("compacted/"):
+            import pyarrow.compute as pc
+            t = t.filter(pc.equal(t.column("member_id"), r["member_id"]))
+        return t
+
+    def _member_blocks(self, r: dict, last_k: int | None) -> tuple[list[int], np.ndarray]:
+        t = self._member_table(r)
+        L = self.layout
+        arr = t.column("block").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, L.block_size)
+        ck = t.column("checkpoint").to_numpy()
+        bi = t.column("block_index").to_numpy()
+        order = np.lexsort((bi, ck))
+        steps = sorted(set(int(c) for c in ck))
+        if len(arr) != len(steps) * L.num_blocks:
+            raise ZooError(f"blocks file {self.root.join(r['file']).describe()}: {len(arr)} rows, expected "
+                           f"{len(steps)} x {L.num_blocks}")
+        arr = arr[order].reshape(len(steps), L.num_blocks, L.block_size)
+        if last_k:
+            steps, arr = steps[-last_k:], arr[-last_k:]
+        return steps, arr
+
+    def blocks(self, member_ids: Sequence[str] | None = None, last_k: int | None = None,
+               num_threads: int = 8) -> torch.Tensor:
+        """float32 [members * checkpoints, num_blocks, block_size], members in the given order,
+        checkpoints ascending (the last ``last_k`` of each member if given)."""
+        rows = self._rows if member_ids is None else [self._row(m) for m in member_ids]
+        if not rows:
+            return torch.zeros(0, self.layout.num_blocks, self.layout.block_size)
+        with ThreadPoolExecutor(max(1, min(num_threads, len(rows)))) as ex:
+            parts = list(ex.map(lambda r: self._member_blocks(r, last_k)[1], rows))
+        return torch.from_numpy(np.concatenate(parts, axis=0))
+
+    def state_dicts(self, member_id: str, last_k: int | None = None) -> list[tuple[int, dict]]:
+        steps, arr = self._member_blocks(self._row(member_id), last_k)
+        return [(s, self.layout.detokenize(torch.from_numpy(a))) for s, a in zip(steps, arr)]
+
+    def metrics(self, member_id: str) -> list[dict]:
+        return json.loads(self._row(member_id)["metrics"])
+
+    # ------------------------------------------------------------------ manifest
+    def _publish(self, rows: list[dict], mtimes: dict[str, int]) -> int:
+        version = self.version + 1
+        snap_rel = f"_manifest/snapshot-{version:06d}.parquet"
+        cols = {c: [r[c] for r in rows] for c in MEMBER_COLUMNS}
+        cols["entry_mtime_ns"] = [int(mtimes.get(r["member_id"], 0)) for r in rows]
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(cols, schema=_SNAPSHOT_SCHEMA), sink)
+        write_bytes_atomic(self.root.join(snap_rel), sink.getvalue().to_pybytes())
+        current = {"format_version": MANIFEST_VERSION, "version": version, "snapshot": snap_rel,
+                   "members": len(rows), "created_at": time.time()}
+        write_bytes_atomic(self.root.join(CURRENT_FILE), json.dumps(current).encode())   # the atomic swap
+        self.version = version
+        return version
+
+    def compact(self, target_rows: int = 1_000_000) -> int:
+        """Rewrite member files into files of about ``target_rows`` rows under a new manifest version."""
+        version = self.version + 1
+        rows = sorted(self._rows, key=lambda r: (r["task_id"], r["member_id"]))
+        new_rows, batch, batch_rows, part = [], [], 0, 0
+
+        def flush():
+            nonlocal batch, batch_rows, part
+            if not batch:
+                return
+            rel = f"compacted/v{version:06d}/part-{part:05d}.parquet"
+            table = pa.concat_tables([self._member_table(r) for r in batch])
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, row_group_size=max(self.layout.num_blocks, 64 * 1024))
+            write_bytes_atomic(self.root.join(rel), sink.getvalue().to_pybytes())
+            new_rows.extend({**r, "file": rel} for r in batch)
+            batch, batch_rows, part = [], 0, part + 1
+
+        for r in rows:
+            batch.append(r)
+            batch_rows += r["num_rows"]
+            if batch_rows >= target_rows:
+                flush()
+        flush()
+        self.version = version - 1
+        self._publish(new_rows, self._entry_mtimes)
+        self._rows = new_rows
+        return version
+
+
+def open_zoo(uri: str) -> Zoo:
+    """Open the zoo at ``uri`` (local folder, ``file://`` or ``s3://``) at its current manifest."""
+    try:
+        root = resolve(uri)
+    except StorageError as exc:
+        raise ZooError(str(exc)) from exc
+    layout = _read_layout(root)
+    # 1. the consolidated snapshot (if any)
+    version: int = 0
+    snap: dict[str, dict] = {}
+    snap_mtimes: dict[str, int] = {}
+    try:
+        current = json.loads(read_bytes(root.join(CURRENT_FILE)))
+        version = int(current["version"])
+        t = _read_parquet(root.fs, root.join(current["snapshot"]).path, describe=root.join(current["snapshot"]).describe())
+        for r in t.to_pylist():
+            snap_mtimes[r["member_id"]] = r.pop("entry_mtime_ns")
+            snap[r["member_id"]] = r
+    except FileNotFoundError:
+        pass
+    except (KeyError, ValueError) as exc:
+        raise ZooError(f"{root.join(CURRENT_FILE).describe()} is malformed: {exc}") from exc
+    # 2. entries listed now (one LIST per 1000 keys); GET only those newer than the snapshot
+    entries = {posixpath.basename(i.path)[:-5]: i for i in list_files(root.join("members"), ".json")}
+    to_read = [(mid, info) for mid, info in entries.items()
+               if mid not in snap or (info.mtime_ns or 0) > snap_mtimes.get(mid, 0)]
+
+    def get(item):
+        mid, info = item
+        try:
+            return mid, info, json.loads(read_bytes(Location(root.fs, info.path, info.path)))
+        except FileNotFoundError:
+            return mid, info, None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ZooError(f"manifest entry {root.join('members', mid + '.json').describe()} is corrupt: {exc}")
+
+    fresh: dict[str, dict] = {}
+    mtimes = {mid: snap_mtimes[mid] for mid in entries if mid in snap_mtimes}
+    with ThreadPoolExecutor(16) as ex:
+        for mid, info, e in ex.map(get, to_read):
+            if e is not None:
+                fresh[mid] = _entry_to_row(e)
+                mtimes[mid] = info.mtime_ns or 0
+    rows = []
+    for mid in sorted(entries):
+        r = fresh.get(mid) or snap.get(mid)
+        if r is not None:
+            rows.append({c: r[c] for c in MEMBER_COLUMNS})
+    # 3. data files present? (listing again, no per-member request)
+    present = {posixpath.relpath(i.path, root.path) for i in list_files(root.join("blocks"), ".parquet")}
+    needs_compacted = any(r["file"].startswith("compacted/") for r in rows)
+    if needs_compacted:
+        present |= {posixpath.relpath(i.path, root.path) for i in list_files(root.join("compacted"), ".parquet")}
+    missing = [r["member_id"] for r in rows if r["file"] not in present]
+    if missing:
+        log.warning("zoo %s: %d member(s) have a manifest entry but no blocks file (e.g. %s); ignored",
+                    root.describe(), len(missing), missing[0])
+    rows = [r for r in rows if r["file"] in present]
+    failures = []
+    done = {r["member_id"] for r in rows}
+    for info in list_files(root.join("failures"), ".json"):
+        try:
+            f = json.loads(read_bytes(Location(root.fs, info.path, info.path)))
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        if f.get("member_id") not in done:
+            failures.append(f)
+    return Zoo(root, layout, rows, mtimes, failures, missing, version)
+
+
+def compact_zoo(uri: str, target_rows: int = 1_000_000) -> int:
+    """Compact the zoo at ``uri``; returns the new manifest version."""
+    return open_zoo(uri).compact(target_rows)
