@@ -276,23 +276,35 @@ class WeightLayout:
             return [self.groups[p.group].first_block * self.block_size + p.offset for p in self.params]
         return self._cached("offsets", build)
 
-    def _perm(self, gi: int) -> torch.Tensor:
-        """Rule-2 gather index: interleaved[k] = appended[perm[k]] within group ``gi``."""
+    def _pieces(self, gi: int) -> list[tuple[int, int, int, int, int, int]]:
+        """Rule-2 plan for group ``gi`` as strided copies, no index arrays.
+
+        Tensors are viewed as [rows_i, cols_i] (rows = channel dim 0).  Output order is channel
+        by channel: row c of every tensor with rows_i > c, in tensor order.  Between consecutive
+        distinct row counts the set of active tensors is fixed, so each tensor's rows land at a
+        constant stride: piece = (param index, row0, row1, dst start, stride, column offset).
+        """
         def build():
             g = self.groups[gi]
-            chans, src = [], []
-            for p in (q for q in self.params if q.group == gi):
+            members = [(i, p) for i, p in enumerate(self.params) if p.group == gi]
+            dims = []
+            for i, p in members:
                 rows = p.shape[0] if len(p.shape) >= 1 else 1
-                cols = p.numel // max(rows, 1) if rows else 0
-                chans.append(torch.arange(rows).repeat_interleave(cols))
-                src.append(p.offset + torch.arange(p.numel))
-            c = torch.cat(chans) if chans else torch.zeros(0, dtype=torch.long)
-            s = torch.cat(src) if src else torch.zeros(0, dtype=torch.long)
-            order = torch.argsort(c, stable=True)
-            perm = s[order]
-            assert perm.numel() == g.numel
-            return perm
-        return self._cached(("perm", gi), build)
+                dims.append((i, rows, p.numel // rows if rows else 0))
+            cuts = sorted({0} | {r for _, r, _ in dims})
+            fixed, seg = [], g.first_block * self.block_size
+            for r0, r1 in zip(cuts[:-1], cuts[1:]):
+                active = [(i, cols) for i, rows, cols in dims if rows >= r1]
+                stride = sum(c for _, c in active)
+                col = 0
+                for i, cols in active:
+                    if cols:
+                        fixed.append((i, r0, r1, seg, stride, col))
+                    col += cols
+                seg += (r1 - r0) * stride
+            assert seg - g.first_block * self.block_size == g.numel
+            return fixed
+        return self._cached(("pieces", gi), build)
 
     # ------------------------------------------------------------------ tokenize
     def check_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
@@ -315,12 +327,15 @@ class WeightLayout:
         self.check_state_dict(sd)
         out = torch.zeros(self.num_blocks * self.block_size, dtype=torch.float32)
         for p, off in zip(self.params, self._global_offsets()):
-            out[off:off + p.numel].copy_(sd[p.name].detach().reshape(-1))
+            if not self.groups[p.group].interleave:
+                out[off:off + p.numel].copy_(sd[p.name].detach().reshape(-1))
         for gi, g in enumerate(self.groups):
-            if g.interleave and g.numel:
-                s = g.first_block * self.block_size
-                seg = out[s:s + g.numel]
-                seg.copy_(seg[self._perm(gi)])
+            if g.interleave:
+                for i, r0, r1, dst, stride, col in self._pieces(gi):
+                    p = self.params[i]
+                    t2d = sd[p.name].detach().reshape(max(p.shape[0], 1) if p.shape else 1, -1)
+                    cols = t2d.shape[1]
+                    out[dst:dst + (r1 - r0) * stride].view(r1 - r0, stride)[:, col:col + cols].copy_(t2d[r0:r1])
         return out
 
     def tokenize(self, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -340,17 +355,24 @@ class WeightLayout:
             raise LayoutError(f"blocks: shape {tuple(blocks.shape)} does not match the layout's {expect} "
                               f"(block_size {self.block_size})")
         flat = flat.detach().to(torch.float32)
-        if any(g.interleave for g in self.groups):
-            flat = flat.clone()
-            for gi, g in enumerate(self.groups):
-                if g.interleave and g.numel:
-                    s = g.first_block * self.block_size
-                    seg = flat[s:s + g.numel].clone()
-                    flat[s:s + g.numel][self._perm(gi)] = seg
         out = {}
         for p, off in zip(self.params, self._global_offsets()):
-            out[p.name] = flat[off:off + p.numel].reshape(p.shape).to(_DTYPES[p.dtype]).clone()
-        return out
+            if not self.groups[p.group].interleave:
+                out[p.name] = flat[off:off + p.numel].reshape(p.shape).to(_DTYPES[p.dtype], copy=True)
+        for gi, g in enumerate(self.groups):
+            if g.interleave:
+                bufs = {}
+                for i, r0, r1, dst, stride, col in self._pieces(gi):
+                    p = self.params[i]
+                    rows = p.shape[0] if p.shape else 1
+                    t2d = bufs.setdefault(i, torch.empty(rows, p.numel // max(rows, 1), dtype=_DTYPES[p.dtype]))
+                    t2d[r0:r1].copy_(flat[dst:dst + (r1 - r0) * stride].view(r1 - r0, stride)[:, col:col + t2d.shape[1]])
+                for i, t2d in bufs.items():
+                    out[self.params[i].name] = t2d.reshape(self.params[i].shape)
+                for i, p in enumerate(self.params):   # empty tensors have no pieces
+                    if p.group == gi and p.name not in out:
+                        out[p.name] = torch.empty(p.shape, dtype=_DTYPES[p.dtype])
+        return {p.name: out[p.name] for p in self.params}
 
     # ------------------------------------------------------------------ normalisation
     def fit_stats(self, blocks: torch.Tensor, eps: float = 1e-8) -> "WeightLayout":

@@ -122,12 +122,15 @@ def _ensure_parent(loc: Location) -> None:
         os.makedirs(posixpath.dirname(loc.path), exist_ok=True)
 
 
-def write_bytes_atomic(loc: Location, data: bytes) -> None:
-    """Write ``data`` so that readers see either nothing/the old object or the whole new one."""
+def write_bytes_atomic(loc: Location, data) -> None:
+    """Write ``data`` (bytes or a buffer, e.g. a pyarrow Buffer) so that readers see either
+    nothing/the old object or the whole new one."""
     try:
         if loc.is_s3:
-            _s3fs().pipe_file(loc.path, data)
+            _s3fs().pipe_file(loc.path, data if isinstance(data, bytes) else memoryview(data).tobytes())
             return
+        if not isinstance(data, (bytes, bytearray)):
+            data = memoryview(data)
         _ensure_parent(loc)
         tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:

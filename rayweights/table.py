@@ -195,8 +195,9 @@ class ZooWriter:
         L = self.layout
         if not checkpoints:
             raise ZooError(f"member {member_id}: no checkpoints to write")
-        mats = []
-        for ck in checkpoints:
+        C, nb, bs = len(checkpoints), L.num_blocks, L.block_size
+        flat = np.empty(C * nb * bs, dtype=np.float32)
+        for ci, ck in enumerate(checkpoints):
             if ck.blocks is not None:
                 b = ck.blocks.detach().to(torch.float32)
                 if tuple(b.shape) != (L.num_blocks, L.block_size):
@@ -213,18 +214,17 @@ class ZooWriter:
                 bad = int((~torch.isfinite(b)).any(dim=1).nonzero()[0, 0])
                 raise ZooError(f"member {member_id} checkpoint {ck.step}: NaN/Inf weights (first in block {bad}); "
                                "not written")
-            mats.append(b.numpy())
-        C, nb, bs = len(mats), L.num_blocks, L.block_size
-        flat = np.concatenate([m.reshape(-1) for m in mats])
+            flat[ci * nb * bs:(ci + 1) * nb * bs] = b.numpy().reshape(-1)
         n = C * nb
         steps = np.repeat(np.asarray([int(ck.step) for ck in checkpoints], dtype=np.int32), nb)
         bg = L.block_group.numpy().astype(np.int32)
+        const = lambda v, t: pa.repeat(pa.scalar(v, t), n)
         return pa.Table.from_arrays([
-            pa.array(np.full(n, self.zoo_name, dtype=object), pa.string()),
-            pa.array(np.full(n, task_id, dtype=object), pa.string()),
-            pa.array(np.full(n, condition, dtype=object), pa.string()),
-            pa.array(np.full(n, member_id, dtype=object), pa.string()),
-            pa.array(np.full(n, int(seed), dtype=np.int64)),
+            const(self.zoo_name, pa.string()),
+            const(task_id, pa.string()),
+            const(condition, pa.string()),
+            const(member_id, pa.string()),
+            const(int(seed), pa.int64()),
             pa.array(steps),
             pa.array(np.tile(bg, C)),
             pa.array(np.tile(np.arange(nb, dtype=np.int32), C)),
@@ -238,7 +238,7 @@ class ZooWriter:
         table = self.build_table(member_id, task_id, condition, seed, checkpoints)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        write_bytes_atomic(self.root.join(rel), sink.getvalue().to_pybytes())
+        write_bytes_atomic(self.root.join(rel), sink.getvalue())
         entry = {
             "format_version": MANIFEST_VERSION,
             "member_id": member_id, "task_id": task_id, "condition": condition, "seed": int(seed),
@@ -416,12 +416,14 @@ class Zoo:
         arr = t.column("block").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, L.block_size)
         ck = t.column("checkpoint").to_numpy()
         bi = t.column("block_index").to_numpy()
-        order = np.lexsort((bi, ck))
-        steps = sorted(set(int(c) for c in ck))
+        key = ck.astype(np.int64) * L.num_blocks + bi
+        steps = sorted(set(np.unique(ck).tolist()))
         if len(arr) != len(steps) * L.num_blocks:
             raise ZooError(f"blocks file {self.root.join(r['file']).describe()}: {len(arr)} rows, expected "
                            f"{len(steps)} x {L.num_blocks}")
-        arr = arr[order].reshape(len(steps), L.num_blocks, L.block_size)
+        if len(key) > 1 and not bool(np.all(key[1:] > key[:-1])):   # our files are written in order
+            arr = arr[np.argsort(key, kind="stable")]
+        arr = arr.reshape(len(steps), L.num_blocks, L.block_size)
         if last_k:
             steps, arr = steps[-last_k:], arr[-last_k:]
         return steps, arr
@@ -433,6 +435,8 @@ class Zoo:
         rows = self._rows if member_ids is None else [self._row(m) for m in member_ids]
         if not rows:
             return torch.zeros(0, self.layout.num_blocks, self.layout.block_size)
+        if len(rows) == 1:
+            return torch.from_numpy(self._member_blocks(rows[0], last_k)[1])
         with ThreadPoolExecutor(max(1, min(num_threads, len(rows)))) as ex:
             parts = list(ex.map(lambda r: self._member_blocks(r, last_k)[1], rows))
         return torch.from_numpy(np.concatenate(parts, axis=0))
@@ -473,7 +477,7 @@ class Zoo:
             table = pa.concat_tables([self._member_table(r) for r in batch])
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink, row_group_size=max(self.layout.num_blocks, 64 * 1024))
-            write_bytes_atomic(self.root.join(rel), sink.getvalue().to_pybytes())
+            write_bytes_atomic(self.root.join(rel), sink.getvalue())
             new_rows.extend({**r, "file": rel} for r in batch)
             batch, batch_rows, part = [], 0, part + 1
 
@@ -562,3 +566,44 @@ def open_zoo(uri: str) -> Zoo:
 def compact_zoo(uri: str, target_rows: int = 1_000_000) -> int:
     """Compact the zoo at ``uri``; returns the new manifest version."""
     return open_zoo(uri).compact(target_rows)
+
+
+# ---------------------------------------------------------------------- small CLIs
+def info_main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="rayweights zoo-info", description="print a zoo's layout and members")
+    p.add_argument("uri")
+    p.add_argument("--members", type=int, default=10, help="how many member rows to print")
+    a = p.parse_args(argv)
+    try:
+        zoo = open_zoo(a.uri)
+    except ZooError as exc:
+        print(f"error: {exc}", file=os.sys.stderr)
+        return 2
+    print(zoo.layout.describe())
+    print(f"\n{len(zoo)} members, {zoo.failures.num_rows} failed, {len(zoo.files)} files, manifest v{zoo.version}")
+    if len(zoo):
+        print(zoo.members.select(["member_id", "task_id", "condition", "seed", "checkpoints", "file"])
+              .slice(0, a.members).to_pandas().to_string(index=False))
+    if zoo.failures.num_rows:
+        print("\nfailures:")
+        for f in zoo.failure_entries[: a.members]:
+            print(f"  {f['member_id']}: {str(f.get('error', '')).strip().splitlines()[-1:]}")
+    return 0
+
+
+def compact_main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="rayweights compact", description="compact a zoo's member files")
+    p.add_argument("uri")
+    p.add_argument("--target-rows", type=int, default=1_000_000)
+    a = p.parse_args(argv)
+    try:
+        v = compact_zoo(a.uri, a.target_rows)
+    except ZooError as exc:
+        print(f"error: {exc}", file=os.sys.stderr)
+        return 2
+    print(f"compacted {a.uri}: manifest v{v}")
+    return 0
