@@ -325,7 +325,10 @@ class WeightLayout:
 
     def tokenize_flat(self, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.check_state_dict(sd)
-        out = torch.zeros(self.num_blocks * self.block_size, dtype=torch.float32)
+        out = torch.empty(self.num_blocks * self.block_size, dtype=torch.float32)
+        for g in self.groups:   # zero only the padding tails (every weight position is written below)
+            s = g.first_block * self.block_size
+            out[s + g.numel:s + g.num_blocks * self.block_size].zero_()
         for p, off in zip(self.params, self._global_offsets()):
             if not self.groups[p.group].interleave:
                 out[off:off + p.numel].copy_(sd[p.name].detach().reshape(-1))

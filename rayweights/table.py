@@ -284,6 +284,19 @@ def _read_parquet(fs: pafs.FileSystem, path: str, columns=None, describe: str | 
         raise ZooError(f"corrupt or truncated Parquet file {describe or path}: {exc}") from exc
 
 
+def _block_matrix(col: pa.ChunkedArray, block_size: int) -> np.ndarray:
+    """fixed_size_list<float32> column -> float32 [rows, block_size] with one copy."""
+    if col.num_chunks == 1:
+        return col.chunk(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, block_size)
+    out = np.empty((len(col), block_size), dtype=np.float32)
+    i = 0
+    for chunk in col.chunks:
+        n = len(chunk)
+        out[i:i + n] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(n, block_size)
+        i += n
+    return out
+
+
 class _FileReader:
     """Ray Data UDF: one row per input file path -> the block rows of that file (numpy batch)."""
 
@@ -310,8 +323,7 @@ class _FileReader:
                 t = t.filter(pc.is_in(t.column("member_id"), pa.array(list(keep), pa.string())))
             tables.append(t)
         t = pa.concat_tables(tables)
-        block = t.column("block").combine_chunks()
-        arr = block.values.to_numpy(zero_copy_only=False).reshape(-1, self.block_size)
+        arr = _block_matrix(t.column("block"), self.block_size)
         if self.unit == "checkpoint":
             nb = self.num_blocks
             order = np.lexsort((t.column("block_index").to_numpy(), t.column("checkpoint").to_numpy(),
@@ -402,18 +414,20 @@ class Zoo:
                              columns)
         return ds.map_batches(reader, batch_size=files_per_task, batch_format="numpy")
 
-    def _member_table(self, r: dict) -> pa.Table:
+    def _member_table(self, r: dict, columns: Sequence[str] | None = None) -> pa.Table:
         path = posixpath.join(self.root.path, r["file"])
-        t = _read_parquet(self.root.fs, path, describe=self.root.join(r["file"]).describe())
+        if columns is not None and r["file"].startswith("compacted/"):
+            columns = list(dict.fromkeys([*columns, "member_id"]))
+        t = _read_parquet(self.root.fs, path, columns=columns, describe=self.root.join(r["file"]).describe())
         if r["file"].startswith("compacted/"):
             import pyarrow.compute as pc
             t = t.filter(pc.equal(t.column("member_id"), r["member_id"]))
         return t
 
     def _member_blocks(self, r: dict, last_k: int | None) -> tuple[list[int], np.ndarray]:
-        t = self._member_table(r)
+        t = self._member_table(r, columns=["checkpoint", "block_index", "block"])
         L = self.layout
-        arr = t.column("block").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, L.block_size)
+        arr = _block_matrix(t.column("block"), L.block_size)
         ck = t.column("checkpoint").to_numpy()
         bi = t.column("block_index").to_numpy()
         key = ck.astype(np.int64) * L.num_blocks + bi
@@ -436,14 +450,15 @@ class Zoo:
         if not rows:
             return torch.zeros(0, self.layout.num_blocks, self.layout.block_size)
         if len(rows) == 1:
-            return torch.from_numpy(self._member_blocks(rows[0], last_k)[1])
+            arr = self._member_blocks(rows[0], last_k)[1]
+            return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
         with ThreadPoolExecutor(max(1, min(num_threads, len(rows)))) as ex:
             parts = list(ex.map(lambda r: self._member_blocks(r, last_k)[1], rows))
         return torch.from_numpy(np.concatenate(parts, axis=0))
 
     def state_dicts(self, member_id: str, last_k: int | None = None) -> list[tuple[int, dict]]:
         steps, arr = self._member_blocks(self._row(member_id), last_k)
-        return [(s, self.layout.detokenize(torch.from_numpy(a))) for s, a in zip(steps, arr)]
+        return [(s, self.layout.detokenize(torch.from_numpy(np.array(a)))) for s, a in zip(steps, arr)]
 
     def metrics(self, member_id: str) -> list[dict]:
         return json.loads(self._row(member_id)["metrics"])
