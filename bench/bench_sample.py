@@ -1,0 +1,183 @@
+"""Sampling speed and memory: one full weight set of the Denoised Weights paper's size.
+
+    python bench/bench_sample.py [--threads 2] [--repeats 3] [--preset mid]
+
+* time to generate one complete weight set (854 blocks x 256 = 0.22 M weights) with one-step direct
+  recovery and with 50-step DDIM, through ``rayweights.sampling.DiffusionBlockSampler`` (all blocks in
+  one batched forward per step), on CPU — and on GPU when one is present (else "not measured");
+* peak memory (RSS high-water mark of a fresh process during sampling, and above its RSS before) as the number of
+  blocks grows 10x, with all blocks in one forward vs block-wise chunks of 854 rows.
+
+The denoiser is ``rayweights.generators``' BlockUNet1D at the given preset when that package is
+present; otherwise a stand-in 1-D conv ResNet (this file) and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+from torch import nn
+
+from rayweights.blocks import WeightLayout
+from rayweights.sampling import DiffusionBlockSampler
+
+PAPER_BLOCKS, BLOCK = 854, 256
+
+
+def paper_layout(num_blocks: int = PAPER_BLOCKS) -> WeightLayout:
+    """A LoRA-like layout of exactly ``num_blocks`` blocks of 256 (14 blocks per layer group)."""
+    sd, per, k = {}, 14, 0
+    left = num_blocks
+    while left > 0:
+        nb = min(per, left)
+        sd[f"layers.{k}.lora_down.weight"] = torch.zeros(8, nb * BLOCK // 16)
+        sd[f"layers.{k}.lora_up.weight"] = torch.zeros(nb * BLOCK // 16, 8)
+        left -= nb
+        k += 1
+    L = WeightLayout.from_state_dict(sd, rule=1, block_size=BLOCK)
+    assert L.num_blocks == num_blocks, L.num_blocks
+    return L.fit_stats(torch.randn(2, L.num_blocks, BLOCK) * 0.02)
+
+
+class StandInDenoiser(nn.Module):
+    """1-D conv ResNet over one block, timestep + block-index embeddings added in every ResBlock."""
+
+    def __init__(self, ch: int = 64, depth: int = 4, emb: int = 128):
+        super().__init__()
+        self.emb = emb
+        self.t_mlp = nn.Sequential(nn.Linear(emb, ch), nn.SiLU(), nn.Linear(ch, ch))
+        self.b_mlp = nn.Sequential(nn.Linear(emb, ch), nn.SiLU(), nn.Linear(ch, ch))
+        self.inp = nn.Conv1d(1, ch, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.ModuleList([nn.GroupNorm(8, ch), nn.Conv1d(ch, ch, 3, padding=1),
+                                                   nn.GroupNorm(8, ch), nn.Conv1d(ch, ch, 3, padding=1)])
+                                    for _ in range(depth))
+        self.out = nn.Conv1d(ch, 1, 3, padding=1)
+
+    def sinus(self, x):
+        half = self.emb // 2
+        f = torch.exp(-torch.arange(half, device=x.device) * (torch.log(torch.tensor(10000.0)) / half))
+        a = x.float()[:, None] * f[None]
+        return torch.cat([a.sin(), a.cos()], dim=1)
+
+    def forward(self, x, t, block_index, cond=None):
+        e = (self.t_mlp(self.sinus(t)) + self.b_mlp(self.sinus(block_index)))[:, :, None]
+        h = self.inp(x[:, None])
+        for n1, c1, n2, c2 in self.blocks:
+            r = c1(nn.functional.silu(n1(h))) + e
+            h = h + c2(nn.functional.silu(n2(r)))
+        return self.out(h)[:, 0]
+
+
+def make_denoiser(preset: str):
+    """(callable(x, t, block_index, cond), description, number of parameters)."""
+    try:
+        from rayweights.generators import block_unet_denoiser   # provided by the generators package
+    except ImportError as exc:
+        model = StandInDenoiser().eval()
+        n = sum(p.numel() for p in model.parameters())
+        return model, f"stand-in 1-D conv ResNet (rayweights.generators unavailable: {exc.__class__.__name__})", n
+    fn, desc, n = block_unet_denoiser(preset, block_size=BLOCK)
+    return fn, desc, n
+
+
+def time_one(sampler, repeats: int, device) -> float:
+    sampler.sample(None, 1, seed=0)                     # warm-up
+    best = float("inf")
+    for r in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        sampler.sample(None, 1, seed=r)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def child(num_blocks: int, chunk: int, method: str, preset: str) -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    L = paper_layout(num_blocks)
+    den, _, _ = make_denoiser(preset)
+    s = DiffusionBlockSampler(den, L, {"num_train_timesteps": 1000}, method=method, t=500, steps=2,
+                              chunk_blocks=chunk, device="cpu")
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:     # reset the RSS high-water mark (VmHWM)
+        f.write("5")
+    before = _status_kib("VmRSS")
+    t = time.perf_counter()
+    s.sample(None, 1, seed=0)
+    secs = time.perf_counter() - t
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"before_mib": before / 1024, "peak_mib": peak / 1024, "seconds": secs}))
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def measure_memory(num_blocks: int, chunk: int, method: str, preset: str, threads: int) -> dict:
+    env = dict(os.environ, BENCH_THREADS=str(threads))
+    out = subprocess.run([sys.executable, __file__, "--_child", str(num_blocks), str(chunk), method, preset],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--preset", default="mid")
+    p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a._child:
+        child(int(a._child[0]), int(a._child[1]), a._child[2], a._child[3])
+        return 0
+    torch.set_num_threads(a.threads)
+    L = paper_layout()
+    den, desc, nparams = make_denoiser(a.preset)
+    print(f"denoiser: {desc}, {nparams / 1e6:.2f} M parameters; weight set: {L.num_blocks} blocks x {BLOCK} = "
+          f"{L.num_blocks * BLOCK / 1e6:.3f} M weights; CPU threads: {a.threads}\n")
+    rows = []
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for dev in devices:
+        if dev.type == "cuda":
+            den = den.to(dev) if isinstance(den, nn.Module) else den
+        for method, steps, goal in (("one_step", 1, "<= 1 s" if dev.type == "cpu" else "<= 0.1 s"),
+                                    ("ddim", 50, "-")):
+            s = DiffusionBlockSampler(den, L, {"num_train_timesteps": 1000}, method=method, t=500, steps=steps,
+                                      device=str(dev))
+            secs = time_one(s, a.repeats if method == "one_step" else 1, dev)
+            rows.append((dev.type.upper(), f"{method} ({steps} forward{'s' if steps > 1 else ''})", f"{secs:.3f}", goal))
+    if not torch.cuda.is_available():
+        rows += [("GPU", "one_step (1 forward)", "not measured (no GPU in this session)", "<= 0.1 s"),
+                 ("GPU", "ddim (50 forwards)", "not measured (no GPU in this session)", "-")]
+    print("| device | method | seconds per weight set | goal |\n|---|---|---:|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print("\nPeak memory of one-step sampling (fresh process; peak RSS while sampling, and above the RSS just before):\n")
+    print("| blocks | weights (M) | rows per forward | peak RSS (MiB) | above baseline (MiB) | seconds |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for nb in (PAPER_BLOCKS, 10 * PAPER_BLOCKS):
+        for chunk in (0, 256):
+            m = measure_memory(nb, chunk, "one_step", a.preset, a.threads)
+            print(f"| {nb} | {nb * BLOCK / 1e6:.2f} | {'all (one forward)' if chunk == 0 else chunk} | "
+                  f"{m['peak_mib']:.0f} | {m['peak_mib'] - m['before_mib']:.0f} | {m['seconds']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""Evaluation suite: generated vs baseline initialisations, fine-tuning curves, memorisation, FID/L1.
+
+Public API::
+
+    from rayweights.evaluation import (TaskAdapter, WeightSampler, BaseTaskAdapter, load_layout_params,
+        EvalOptions, ZooReference, evaluate_task, score_samples, TaskResult, write_report,
+        make_adapter, register_adapter, compute_fid, build_feature_extractor, save_images)
+    from rayweights.evaluation.cli import EvaluateConfig, evaluate, main
+"""
+
+from .adapters import AdapterError, make_adapter, register_adapter
+from .core import ALL_INITS, INIT_LABELS, Curve, EvalOptions, TaskResult, ZooReference, evaluate_task, score_samples
+from .fid import FIDError, SmallFeatureExtractor, build_feature_extractor, compute_fid, save_images
+from .protocols import BaseTaskAdapter, TaskAdapter, WeightSampler, load_layout_params, token_similarity
+from .report import render_markdown, verdict_sentences, write_report
+
+__all__ = ["TaskAdapter", "WeightSampler", "BaseTaskAdapter", "load_layout_params", "token_similarity",
+           "EvalOptions", "ZooReference", "evaluate_task", "score_samples", "TaskResult", "Curve", "ALL_INITS",
+           "INIT_LABELS", "write_report", "render_markdown", "verdict_sentences", "make_adapter", "register_adapter",
+           "AdapterError", "compute_fid", "build_feature_extractor", "save_images", "SmallFeatureExtractor",
+           "FIDError"]

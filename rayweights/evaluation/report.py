@@ -1,0 +1,224 @@
+"""The evaluation report: a markdown table (also printed) and matplotlib PNG convergence curves.
+
+``write_report(results, out_dir, header)`` writes ``report.md``, ``results.json``,
+``curves-<task>.png`` (metric vs epoch and vs wall time, one line per initialisation, as in
+Denoised Weights Fig. 4 / D2NWG Fig. 4) and ``curves-mean.png`` (the mean over tasks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .core import INIT_LABELS, TaskResult
+
+__all__ = ["render_markdown", "verdict_sentences", "plot_curves", "plot_mean_curves", "write_report"]
+
+
+def _f(v, nd: int = 4) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        if math.isinf(v):
+            return "∞"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "task"
+
+
+def _count(results: Sequence[TaskResult], key: str) -> tuple[int, int]:
+    have = [r for r in results if key in r.verdict]
+    return sum(bool(r.verdict[key]) for r in have), len(have)
+
+
+def verdict_sentences(results: Sequence[TaskResult]) -> list[str]:
+    """Plain statements of whether generated weights (a) beat the simple baselines (e) and (f)."""
+    out = []
+    if not results or "generated" not in results[0].curves:
+        return ["No generated initialisation was evaluated."]
+    E = results[0].epochs
+    parts = []
+    for b, name in (("nearest_noise", "the nearest zoo checkpoint + noise (e)"), ("soup", "the zoo soup (f)"),
+                    ("random", "random init (b)")):
+        k0, n0 = _count(results, f"beats_{b}_epoch0")
+        kE, nE = _count(results, f"beats_{b}_final")
+        if n0:
+            parts.append(f"{name} at epoch 0 on {k0} of {n0} task(s) and after {E} epochs on {kE} of {nE}")
+    if parts:
+        out.append("Generated weights (a) beat " + "; ".join(parts) + ".")
+    losses = []
+    for r in results:
+        g = r.table["generated"]
+        for b, tag in (("nearest_noise", "(e)"), ("soup", "(f)")):
+            for when, key in (("epoch 0", "epoch0"), (f"epoch {E}", "final")):
+                vk = f"beats_{b}_{'epoch0' if key == 'epoch0' else 'final'}"
+                if vk in r.verdict and not r.verdict[vk]:
+                    losses.append(f"{r.task_id} {tag} at {when}: {_f(r.table[b][key])} vs generated {_f(g[key])}")
+    if losses:
+        out.append("Generated weights do NOT beat the simple baselines here — the baseline wins or ties on: "
+                   + "; ".join(losses) + ".")
+    else:
+        out.append("Generated weights beat both simple baselines (e) and (f) on every task, at epoch 0 and at the end.")
+    mem = [r for r in results if "memorises" in r.memorisation]
+    if mem:
+        k = sum(r.memorisation["memorises"] for r in mem)
+        out.append(f"Memorisation: on {k} of {len(mem)} task(s) the generated models' wrong predictions overlap "
+                   "their nearest zoo member more than zoo members overlap each other (IoU above the zoo's "
+                   "pairwise IoU).")
+    return out
+
+
+def render_markdown(results: Sequence[TaskResult], header: Mapping[str, Any] | None = None,
+                    images: Mapping[str, str] | None = None) -> str:
+    lines = ["# Evaluation report", ""]
+    if header:
+        for k, v in header.items():
+            lines.append(f"- **{k}**: {v}")
+        lines.append("")
+    lines += ["## Verdict", ""] + [f"- {s}" for s in verdict_sentences(results)] + [""]
+    for r in results:
+        better = "higher is better" if r.higher_is_better else "lower is better"
+        lines += [f"## Task `{r.task_id}` — `{r.condition}` ({'seen by the generator' if r.seen else 'held out'})",
+                  "", f"Metric: **{r.metric}** on the test split ({better}); from-scratch target = random init "
+                  f"after {r.epochs} epochs = {_f(r.target)}.", ""]
+        lines.append(f"| initialisation | epoch 0 | epoch {r.epochs} | epochs to target | speed-up (epochs) | "
+                     "time to target (s) | speed-up (time) | init cost (s) | note |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for name, row in r.table.items():
+            lines.append(f"| {INIT_LABELS.get(name, name)} | {_f(row['epoch0'])} | {_f(row['final'])} | "
+                         f"{_f(row['epochs_to_target'])} | {_f(row['speedup_epochs'], 2)} | "
+                         f"{_f(row['time_to_target'], 3)} | {_f(row['speedup_time'], 2)} | "
+                         f"{_f(row['init_seconds'], 4)} | {row['note']} |")
+        lines += ["", f"N-sample statistics at epoch 0 (no fine-tuning):", "",
+                  "| set | best | avg | median | worst | N |", "|---|---:|---:|---:|---:|---:|"]
+        for name, label in (("generated", "generated (test)"), ("generated_train", "generated (train)"),
+                            ("nearest_noise", "nearest zoo ckpt + noise (test)")):
+            s = r.samples.get(name)
+            if s:
+                lines.append(f"| {label} | {_f(s['best'])} | {_f(s['avg'])} | {_f(s['median'])} | "
+                             f"{_f(s['worst'])} | {s['n']} |")
+        m = r.memorisation
+        lines += ["", "Memorisation:", "", "| measure | value |", "|---|---:|",
+                  f"| NN L2 distance, generated sample -> zoo (avg / min) | {_f(m['nn_l2_sample_to_zoo']['avg'])} / "
+                  f"{_f(m['nn_l2_sample_to_zoo']['best'])} |",
+                  f"| NN L2 distance, zoo member -> other zoo members (avg / min) | "
+                  f"{_f(m['nn_l2_zoo_to_zoo']['avg'])} / {_f(m['nn_l2_zoo_to_zoo']['best'])} |",
+                  f"| ratio (sample->zoo / zoo->zoo) | {_f(m.get('nn_ratio'), 3)} |"]
+        if "iou_zoo_pairwise_mean" in m:
+            lines += [
+                f"| IoU of wrong predictions, generated vs nearest zoo member (mean / max) | "
+                f"{_f(m['iou_generated_vs_nearest_zoo_mean'])} / {_f(m['iou_generated_vs_nearest_zoo_max'])} |",
+                f"| IoU, zoo pairwise (mean over {m['iou_pool_size']} members, {m['iou_pool']}) | "
+                f"{_f(m['iou_zoo_pairwise_mean'])} |",
+                f"| IoU, generated pairwise (mean) | {_f(m['iou_generated_pairwise_mean'])} |",
+                f"| IoU, nearest ckpt + noise vs nearest zoo member (mean) | "
+                f"{_f(m['iou_noise_baseline_vs_nearest_zoo_mean'])} |",
+                f"| memorises (generated-vs-nearest IoU above zoo pairwise IoU) | {_f(m['memorises'])} |"]
+        if r.notes:
+            lines += [""] + [f"- note: {n}" for n in r.notes]
+        if images and r.task_id in images:
+            lines += ["", f"![convergence curves for {r.task_id}]({images[r.task_id]})"]
+        lines.append("")
+    if images and "__mean__" in images:
+        lines += ["## Mean over tasks", "", f"![mean convergence curves]({images['__mean__']})", ""]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(result: TaskResult, path: str) -> str:
+    """Metric vs epoch and vs cumulative wall time, one line per initialisation."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, c in result.curves.items():
+        label = INIT_LABELS.get(name, name)
+        ax1.plot(range(len(c.values)), c.values, marker="o", ms=3, label=label)
+        ax2.plot(c.wall, c.values, marker="o", ms=3, label=label)
+    for ax, xl in ((ax1, "fine-tuning epoch"), (ax2, "wall time (s, incl. init cost)")):
+        ax.axhline(result.target, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(result.metric)
+        ax.grid(alpha=0.3)
+    ax1.set_title(f"{result.task_id} ({'seen' if result.seen else 'held out'})")
+    ax2.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_mean_curves(results: Sequence[TaskResult], path: str) -> str:
+    """The mean curve over tasks per initialisation (D2NWG Fig. 4: average accuracy evolution)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [n for n in results[0].curves if all(n in r.curves for r in results)]
+    for name in names:
+        v = np.mean([r.curves[name].values for r in results], axis=0)
+        ax.plot(range(len(v)), v, marker="o", ms=3, label=INIT_LABELS.get(name, name))
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel(f"mean {results[0].metric} over {len(results)} task(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _jsonable(o):
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (np.floating, np.integer)):
+        return _jsonable(o.item())
+    if isinstance(o, np.bool_):
+        return bool(o)
+    return o
+
+
+def write_report(results: Sequence[TaskResult], out_dir: str, header: Mapping[str, Any] | None = None,
+                 print_table: bool = True) -> str:
+    """Write report.md, results.json and the PNGs under ``out_dir`` (a local folder); returns the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    images = {}
+    for r in results:
+        name = f"curves-{_slug(r.task_id)}.png"
+        plot_curves(r, os.path.join(out_dir, name))
+        images[r.task_id] = name
+    if len(results) > 1:
+        plot_mean_curves(results, os.path.join(out_dir, "curves-mean.png"))
+        images["__mean__"] = "curves-mean.png"
+    md = render_markdown(results, header, images)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(md)
+    payload = {"header": dict(header or {}), "verdict": verdict_sentences(results),
+               "tasks": [r.to_dict() for r in results]}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(_jsonable(payload), f, indent=1, default=str)
+    if print_table:
+        print(md)
+    return md

@@ -1,0 +1,206 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from evalkit import DigitsTask, GaussianBlockDenoiser, make_mlp, tiny_zoo
+from rayweights.blocks import LayoutError, WeightLayout
+from rayweights.evaluation.protocols import load_layout_params
+from rayweights.sampling import (DiffusionBlockSampler, FolderSampler, GaussianWeightSampler, SampleConfig,
+                                 SamplingError, condition_seed, condition_slug, load_sampler, load_state_dict,
+                                 main, one_step_recover, reassemble, sample_weights)
+from rayweights.table import open_zoo
+
+
+@pytest.fixture(scope="module")
+def zoo_uri(tmp_path_factory):
+    return tiny_zoo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def gaussian_export(zoo_uri, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gauss") / "export")
+    GaussianWeightSampler.fit(zoo_uri, rank=4).save(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- reassembly
+def test_reassemble_exact_and_strict_load(zoo_uri):
+    zoo = open_zoo(zoo_uri)
+    step, sd = zoo.state_dicts("t0-s0")[-1]
+    L = zoo.layout
+    raw = L.tokenize(sd)
+    back = reassemble(raw, L, normalized=False)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)                      # bit-exact
+    Ls = L.fit_stats(zoo.blocks())
+    back_n = reassemble(Ls.normalize(raw), Ls, normalized=True)
+    assert all(torch.allclose(back_n[k], sd[k], atol=1e-6) for k in sd)   # normalisation undone
+    model = make_mlp(123)
+    load_layout_params(model, back, L)
+    assert all(torch.equal(model.state_dict()[k], sd[k]) for k in sd)
+    with pytest.raises(LayoutError, match="0.weight: missing"):
+        load_layout_params(model, {k: v for k, v in back.items() if k != "0.weight"}, L)
+    with pytest.raises(LayoutError, match="extra"):
+        load_layout_params(model, {**back, "extra": torch.zeros(1)}, L)
+    bad = dict(back, **{"2.bias": torch.zeros(3)})
+    with pytest.raises(LayoutError, match="2.bias: shape"):
+        load_layout_params(model, bad, L)
+
+
+def test_condition_slug_and_seed():
+    assert condition_slug(None) == "unconditional"
+    a, b = condition_slug("digits:0,1"), condition_slug("digits/0,1")
+    assert a != b and "/" not in a + b and a.startswith("digits_0_1-")
+    assert condition_seed(0, "x") == condition_seed(0, "x") != condition_seed(1, "x")
+
+
+# ----------------------------------------------------------------------------- Gaussian baseline sampler
+def test_gaussian_sampler_shapes_conditions_and_round_trip(zoo_uri, gaussian_export):
+    g = GaussianWeightSampler.fit(zoo_uri, rank=4)
+    L = g.layout
+    s = g.sample("digits:0,1,2,3,4", 5, seed=3)
+    assert s.shape == (5, L.num_blocks, L.block_size) and g.normalized
+    assert torch.all(s[:, ~L.valid_mask] == 0)
+    assert torch.equal(s, g.sample("digits:0,1,2,3,4", 5, seed=3))
+    assert not torch.equal(s, g.sample("digits:0,1,2,3,4", 5, seed=4))
+    # per-condition means: the task's samples are closer to that task's members than to another task's
+    zoo = open_zoo(zoo_uri)
+    own = L.normalize(zoo.blocks(["t0-s0", "t0-s1", "t0-s2"], last_k=1)).mean(0)
+    other = L.normalize(zoo.blocks(["t1-s0", "t1-s1", "t1-s2"], last_k=1)).mean(0)
+    m = s.mean(0)
+    assert (m - own).norm() < (m - other).norm()
+    # unseen / unconditional -> the pooled component
+    assert torch.equal(g.sample("never seen", 2, 0), g.sample(None, 2, 0))
+    loaded = load_sampler(gaussian_export)
+    assert isinstance(loaded, GaussianWeightSampler) and loaded.layout == L
+    assert torch.allclose(loaded.sample("digits:0,1,2,3,4", 5, seed=3), s)
+
+
+# ----------------------------------------------------------------------------- one-step / DDIM
+@pytest.fixture(scope="module")
+def denoiser_setup(zoo_uri):
+    zoo = open_zoo(zoo_uri)
+    L = zoo.layout.fit_stats(zoo.blocks())
+    mask = L.valid_mask.float()
+    mu = L.normalize(zoo.blocks(last_k=1)).mean(0)
+    var = 0.25 * mask
+    from diffusers import DDPMScheduler
+
+    abar = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    return L, mu, var, abar
+
+
+def test_one_step_is_direct_recovery_eq3(denoiser_setup):
+    L, mu, var, abar = denoiser_setup
+    den = GaussianBlockDenoiser(mu, var, abar)
+    t = 700
+    s = DiffusionBlockSampler(den, L, {"num_train_timesteps": 1000}, method="one_step", t=t, device="cpu")
+    out = s.sample("c", 3, seed=11)
+    assert out.shape == (3, L.num_blocks, L.block_size)
+    assert den.calls == 1                                   # all blocks of all 3 models: one batched forward
+    # by hand: x_t is the seed's noise; E[x0 | x_t] for Gaussian data
+    x_t = torch.randn(3 * L.num_blocks, L.block_size, generator=torch.Generator().manual_seed(11)).view_as(out)
+    ab = float(abar[t])
+    expect = mu + ab ** 0.5 * var * (x_t - ab ** 0.5 * mu) / (ab * var + 1 - ab)
+    assert torch.allclose(out, expect * L.valid_mask, atol=1e-5)
+    # eq. 3 helper for the three parameterisations
+    x0, eps = torch.randn(4, 8), torch.randn(4, 8)
+    a, sg = ab ** 0.5, (1 - ab) ** 0.5
+    xt = a * x0 + sg * eps
+    assert torch.allclose(one_step_recover(xt, eps, ab, "epsilon"), x0, atol=1e-5)
+    assert torch.allclose(one_step_recover(xt, a * eps - sg * x0, ab, "v_prediction"), x0, atol=1e-5)
+    # chunked forwards give the same weights (deterministic one-step), in more calls
+    den2 = GaussianBlockDenoiser(mu, var, abar)
+    chunked = DiffusionBlockSampler(den2, L, {"num_train_timesteps": 1000}, method="one_step", t=t,
+                                    chunk_blocks=7, device="cpu").sample("c", 3, seed=11)
+    assert torch.allclose(chunked, out, atol=1e-6) and den2.calls == -(-3 * L.num_blocks // 7)
+    with pytest.raises(SamplingError, match="t: 1000"):
+        DiffusionBlockSampler(den, L, {"num_train_timesteps": 1000}, method="one_step", t=1000)
+
+
+def test_ddim_samples_the_data_distribution_and_loads(denoiser_setup):
+    L, mu, var, abar = denoiser_setup
+    den = GaussianBlockDenoiser(mu, var, abar)
+    s = DiffusionBlockSampler(den, L, {"num_train_timesteps": 1000}, method="ddim", steps=50, device="cpu")
+    out = s.sample(None, 64, seed=0)
+    assert den.calls == 50                                  # one batched forward per step
+    m = L.valid_mask
+    # empirical mean/std over 64 draws vs N(mu, 0.5^2): the mean's standard error is 0.5/8 = 0.0625
+    # (mean |error| ~ 0.05); 50 DDIM steps give std ~0.47 (10 steps: ~0.37, a zero-mean denoiser: error ~0.59)
+    assert (out.mean(0) - mu)[m].abs().mean() < 0.1
+    std = out.std(0)[m]
+    assert abs(float(std.mean()) - 0.5) < 0.05
+    # DDPM too (stochastic steps), and every weight set reassembles and loads strictly
+    ddpm = DiffusionBlockSampler(GaussianBlockDenoiser(mu, var, abar), L, {"num_train_timesteps": 1000},
+                                 method="ddpm", steps=20, device="cpu").sample(None, 2, seed=0)
+    for blocks in (out[0], ddpm[0], ddpm[1]):
+        sd = reassemble(blocks, L, normalized=True)
+        model = make_mlp(0)
+        load_layout_params(model, sd, L)
+        assert model(torch.zeros(1, 64)).shape == (1, 10)
+
+
+# ----------------------------------------------------------------------------- the Ray Data job
+def test_sample_weights_job(ray_local, zoo_uri, gaussian_export, tmp_path):
+    out = str(tmp_path / "samples")
+    conds = ["digits:0,1,2,3,4", "digits:5,6,7,8,9", "a held-out prompt"]
+    cfg = SampleConfig(generator=gaussian_export, conditions=conds, num_samples=3, output=out, write_table=True,
+                       concurrency=2)
+    entries = sample_weights(cfg, show_progress=False)
+    assert len(entries) == 9 and all(e["finite"] for e in entries)
+    index = json.load(open(os.path.join(out, "samples.json")))
+    assert {e["condition"] for e in index["samples"]} == set(conds)
+    zoo = open_zoo(zoo_uri)
+    g = GaussianWeightSampler.load(gaussian_export)
+    # the files are the sampler's draws (per-condition seed), reassembled, and load into the model
+    for cond in conds:
+        direct = g.sample(cond, 3, condition_seed(0, cond))
+        for i in range(3):
+            sd = load_state_dict(os.path.join(out, "samples", condition_slug(cond), f"sample-{i:05d}.safetensors"))
+            assert set(sd) == set(zoo.layout.param_names)
+            assert torch.allclose(zoo.layout.tokenize(sd), g.layout.denormalize(direct[i]), atol=1e-5)
+            load_layout_params(make_mlp(0), sd, zoo.layout)
+    # the samples as a weight-block table
+    table = open_zoo(os.path.join(out, "table"))
+    assert len(table) == 9 and table.layout.same_structure(zoo.layout)
+    # replay
+    fs = load_sampler(out)
+    assert isinstance(fs, FolderSampler) and not fs.normalized
+    assert fs.sample(conds[0], 2).shape == (2, zoo.layout.num_blocks, zoo.layout.block_size)
+    with pytest.raises(SamplingError, match="3 samples, 4 requested"):
+        fs.sample(conds[0], 4)
+    # a generated init from the tiny zoo's own task is far better than random (sanity, not a claim)
+    task = DigitsTask(conds[0], zoo.layout)
+    m = make_mlp(0)
+    load_layout_params(m, zoo.layout.detokenize(fs.sample(conds[0], 1)[0]), zoo.layout)
+    assert task.evaluate(m)["accuracy"] > 0.8
+
+
+def test_sample_weights_cli_unconditional_and_errors(ray_local, gaussian_export, tmp_path, capsys):
+    out = str(tmp_path / "unc")
+    assert main(["--set", f"generator={gaussian_export}", "--set", "num_samples=2", "--output", out]) == 0
+    index = json.load(open(os.path.join(out, "samples.json")))
+    assert [e["condition"] for e in index["samples"]] == [None, None]
+    assert os.path.exists(os.path.join(out, "samples", "unconditional", "sample-00001.safetensors"))
+    bad = str(tmp_path / "bad")
+    assert main(["--set", "generator=/nonexistent/export", "--output", bad]) == 2
+    assert "generator" in capsys.readouterr().err and not os.path.exists(bad)
+    assert main(["--set", f"generator={gaussian_export}", "--set", "nmu_samples=2", "--output", bad]) == 2
+    assert "nmu_samples" in capsys.readouterr().err
+    assert main(["--set", f"generator={gaussian_export}", "--set", "method=euler", "--output", bad]) == 2
+    assert "method" in capsys.readouterr().err and not os.path.exists(bad)
+
+
+@pytest.mark.s3
+def test_sample_weights_to_s3_and_replay(ray_local, s3_uri, gaussian_export, zoo_uri):
+    out = s3_uri.replace("/zoos/test", "/samples")
+    entries = sample_weights(SampleConfig(generator=gaussian_export, conditions=["digits:0,1,2,3,4"], num_samples=2,
+                                          output=out), show_progress=False)
+    assert len(entries) == 2
+    fs = load_sampler(out)
+    L = open_zoo(zoo_uri).layout
+    direct = GaussianWeightSampler.load(gaussian_export).sample("digits:0,1,2,3,4", 2,
+                                                                condition_seed(0, "digits:0,1,2,3,4"))
+    assert torch.allclose(fs.sample("digits:0,1,2,3,4", 2), fs.layout.denormalize(direct) * L.valid_mask, atol=1e-5)
