@@ -1,0 +1,28 @@
+"""``build-zoo``: zoo spec -> weight-block tables."""
+
+from __future__ import annotations
+
+import sys
+
+from ..config import ConfigError, job_argparser, load_config
+from ..storage import StorageError
+from .builder import build_zoo, prepare
+from .spec import ZooSpec
+
+
+def main(argv=None) -> int:
+    p = job_argparser("Build a model zoo into weight-block tables (Ray Data)")
+    p.add_argument("--no-ray", action="store_true", help="train members in this process (debugging)")
+    a = p.parse_args(argv)
+    overrides = list(a.overrides) + ([f"output={a.output}"] if a.output else [])
+    try:
+        spec = load_config(ZooSpec, a.config, overrides)
+        prepare(spec)   # everything that can be wrong is checked before any training
+    except (ConfigError, ValueError, KeyError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = build_zoo(spec, address=a.address, use_ray=not a.no_ray)
+    print(summary)
+    for mid, err in summary.failures:
+        print(f"  failed: {mid}: {err}")
+    return 0 if summary.failed == 0 else 1

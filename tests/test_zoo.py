@@ -1,0 +1,134 @@
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayweights.config import ConfigError, load_config
+from rayweights.table import open_zoo
+from rayweights.zoo import ZooSpec, build_zoo, plan_tasks
+from rayweights.zoo.cli import main as build_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "specs" / "tiny.yaml"
+FAST = ["max_tasks=3", "members_per_task=2", "hparams.epochs=[4,5]", "keep_last=2"]
+
+
+def spec(output, *extra):
+    return load_config(ZooSpec, TINY, [*FAST, f"output={output}", *extra])
+
+
+def check_zoo(uri, n_members):
+    zoo = open_zoo(uri)
+    assert len(zoo) == n_members
+    assert len(set(zoo.members.column("member_id").to_pylist())) == n_members   # no duplicates
+    for m in zoo.members.column("metrics").to_pylist():
+        metrics = json.loads(m)
+        assert len(metrics) == 2
+        assert metrics[-1]["val_acc"] > 0.5   # chance on a 5-class task is 0.2
+    # the kept weights reassemble and load into the architecture
+    from rayweights.zoo.families import template_state_dict
+    sd = dict(template_state_dict(spec("x"), 5))
+    step, weights = zoo.state_dicts(zoo.members.column("member_id")[0].as_py())[-1]
+    sd.update(weights)
+    from rayweights.zoo import architectures
+    model = architectures.build("mlp3", (1, 8, 8), 5, hidden=16)
+    model.load_state_dict(sd)
+    return zoo
+
+
+def test_held_out_tasks_are_reserved():
+    train, held = plan_tasks(load_config(ZooSpec, TINY))
+    assert {t.condition for t in held} == {"digits:0,1,2,5,6", "digits:3,4,7,8,9"}
+    assert not {t.condition for t in train} & {t.condition for t in held}
+    full = load_config(ZooSpec, ROOT / "jobs/specs/digits_subsets_full.yaml")
+    tr, ho = plan_tasks(full)
+    assert len(tr) + len(ho) == 252 and len(ho) == 25
+
+
+def test_build_local_resume_and_failures(tmp_path, ray_local):
+    uri = str(tmp_path / "zoo")
+    s = spec(uri)
+    first = build_zoo(s)
+    assert (first.done, first.skipped, first.failed) == (6, 0, 0)
+    zoo = check_zoo(uri, 6)
+    # hyper-parameters differ between members (a diverse zoo, not one run's checkpoints)
+    lrs = {json.loads(h)["lr"] for h in zoo.members.column("hparams").to_pylist()}
+    assert len(lrs) == 6
+    # resume: delete two members (one entry, one blocks file) -> exactly those are redone
+    victims = zoo.members.column("member_id").to_pylist()[:2]
+    os.remove(tmp_path / "zoo" / "members" / f"{victims[0]}.json")
+    os.remove(tmp_path / "zoo" / zoo._row(victims[1])["file"])
+    again = build_zoo(s)
+    assert (again.done, again.skipped, again.failed) == (2, 4, 0)
+    check_zoo(uri, 6)
+    # a member that keeps failing is recorded with its error, never half visible
+    shutil.rmtree(tmp_path / "zoo")
+    bad = spec(uri, "fail_members=[digits-01234-s1]", "max_retries=1")
+    res = build_zoo(bad)
+    assert res.failed == 1 and res.done == 5
+    zoo = open_zoo(uri)
+    assert "digits-01234-s1" not in zoo.members.column("member_id").to_pylist()
+    f = zoo.failures.to_pylist()
+    assert f[0]["member_id"] == "digits-01234-s1" and "injected failure" in f[0]["error"] and f[0]["attempts"] == 2
+
+
+@pytest.mark.s3
+def test_build_to_s3(s3_uri, ray_local):
+    res = build_zoo(spec(s3_uri, "max_tasks=2", "members_per_task=1"))
+    assert res.done == 2 and res.failed == 0
+    check_zoo(s3_uri, 2)
+
+
+def test_bad_input_fails_before_training(tmp_path, capsys):
+    out = str(tmp_path / "z")
+    assert build_main(["--config", str(TINY), "--output", out, "--set", "family=weird"]) == 2
+    assert "family" in capsys.readouterr().err
+    assert build_main(["--config", str(TINY), "--output", out, "--set", "architecture=vit9000"]) == 2
+    assert "architecture" in capsys.readouterr().err
+    assert build_main(["--config", str(TINY), "--output", out, "--set", "colour=blue"]) == 2
+    assert "unknown key" in capsys.readouterr().err
+    assert build_main(["--config", str(TINY), "--output", out, "--set", 'tasks=["digits:0,1,2,3,4"]',
+                       "--set", 'held_out=["digits:0,1,2,3,4"]']) == 2
+    assert "task list is empty" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert build_main(["--config", str(TINY), "--output", str(tmp_path / "file" / "zoo")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    assert not (tmp_path / "z" / "members").exists()
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_local_cluster(tmp_path):
+    """`ray start --head` + `ray job submit --working-dir . -- python jobs/build_zoo.py ...`."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    gcs, dash = _port(), _port()
+    tmpdir = f"/tmp/rwj{os.getpid()}"
+    start = subprocess.run(["ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+                            "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+                            f"--temp-dir={tmpdir}", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        out = tmp_path / "zoo"
+        job = subprocess.run(
+            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"excludes": ["runs/", ".git/", "**/__pycache__"]}), "--",
+             sys.executable, "jobs/build_zoo.py", "--config", "jobs/specs/tiny.yaml", "--output", str(out),
+             *sum((["--set", f] for f in FAST), [])],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
+        assert "6 done" in job.stdout
+        check_zoo(str(out), 6)
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env={**env, "RAY_TMPDIR": tmpdir}, capture_output=True, timeout=120)
