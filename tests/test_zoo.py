@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rayweights.config import ConfigError, load_config
 from rayweights.table import open_zoo
@@ -132,3 +133,22 @@ def test_ray_job_submit_against_local_cluster(tmp_path):
         check_zoo(str(out), 6)
     finally:
         subprocess.run(["ray", "stop", "--force"], env={**env, "RAY_TMPDIR": tmpdir}, capture_output=True, timeout=120)
+
+
+def test_partial_family_trains_only_the_selected_layers(tmp_path, ray_local):
+    s = load_config(ZooSpec, ROOT / "jobs" / "specs" / "partial_bn.yaml",
+                    [f"output={tmp_path / 'pz'}", "max_tasks=1", "members_per_task=2", "base_epochs=3", "keep_last=5"])
+    res = build_zoo(s)
+    assert res.done == 2 and res.failed == 0
+    zoo = open_zoo(str(tmp_path / "pz"))
+    # only the last two BN layers' weight/bias are in the table
+    assert zoo.layout.param_names == ["4.weight", "4.bias", "8.weight", "8.bias"]
+    mid = zoo.members.column("member_id")[0].as_py()
+    ckpts = zoo.state_dicts(mid)
+    assert len(ckpts) == 5 and [s for s, _ in ckpts] == sorted(s for s, _ in ckpts)   # consecutive steps
+    assert not torch.equal(ckpts[0][1]["8.bias"], ckpts[-1][1]["8.bias"])   # they moved
+    assert json.loads(zoo.members.column("metrics")[0].as_py())[-1]["val_acc"] > 0.5
+    # both members start from the same base model: their frozen layers are identical
+    from rayweights.zoo.families import base_model_state, task_from_condition
+    base = base_model_state(s, task_from_condition(zoo.members.column("condition")[0].as_py()))
+    assert "0.weight" in base

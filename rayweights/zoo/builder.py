@@ -176,7 +176,7 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True) -
         ds = ds.map_batches(_MemberTrainer, batch_size=1,
                             fn_constructor_kwargs={"spec": to_dict(spec), "uri": spec.output,
                                                    "layout_json": writer.layout.to_json(), "env": env},
-                            compute=ActorPoolStrategy(min_size=1, max_size=workers),
+                            compute=ActorPoolStrategy(size=workers),
                             num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus or None)
         results = ds.take_all()
     elif todo:

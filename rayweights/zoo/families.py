@@ -1,6 +1,9 @@
 """Task families. ``dataset-subsets`` (D2NWG's subset zoo): each task is a k-class subset of a base
 dataset; offline default scikit-learn's bundled digits (C(10,5) = 252 five-class tasks); on a
 cluster any torchvision ``ImageFolder`` by path (``dataset: imagefolder:/path``).
+``partial`` (p-diff): per task a base model is trained once (seeded by the task); each member
+starts from it, trains only the selected parameters (e.g. the last two BN layers) and keeps the
+checkpoints of the last K optimisation steps of its last epoch.
 
 A family turns a spec into tasks and trains one member of one task, returning its kept checkpoints.
 """
@@ -101,14 +104,49 @@ def draw_hparams(ranges, seed: int) -> dict:
     return {"lr": lr, "weight_decay": wd, "epochs": rng.randint(elo, ehi)}
 
 
+_BASES: dict = {}
+
+
+def base_model_state(spec, task: Task) -> dict:
+    """partial: the task's shared base model, trained once per process (deterministic per task)."""
+    key = (spec.dataset, spec.architecture, str(spec.arch_options), task.task_id, spec.base_epochs)
+    if key not in _BASES:
+        import zlib
+        seed = zlib.crc32(task.task_id.encode())
+        torch.manual_seed(seed)
+        (Xtr, ytr), _ = task_split(spec.dataset, task, spec.val_fraction, seed=0)
+        model = architectures.build(spec.architecture, tuple(Xtr.shape[1:]), len(task.classes), **spec.arch_options)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(spec.base_epochs):
+            model.train()
+            perm = torch.randperm(len(ytr), generator=g)
+            for i in range(0, len(ytr), spec.batch_size):
+                idx = perm[i:i + spec.batch_size]
+                if len(idx) < 2:
+                    continue
+                loss = nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        _BASES[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return _BASES[key]
+
+
 def train_member(spec, task: Task, seed: int, hparams: dict, select_names: list[str] | None = None):
-    """Train one member from scratch; returns (kept checkpoints [(epoch, state_dict, metrics)], seconds)."""
+    """Train one member; returns (kept checkpoints [(epoch or step, state_dict, metrics)], seconds)."""
     t0 = time.perf_counter()
+    partial = spec.family == "partial"
+    base = base_model_state(spec, task) if partial else None
     torch.manual_seed(seed)
     (Xtr, ytr), (Xva, yva) = task_split(spec.dataset, task, spec.val_fraction, seed=0)
     model = architectures.build(spec.architecture, tuple(Xtr.shape[1:]), len(task.classes), **spec.arch_options)
-    params = [p for n, p in model.named_parameters() if select_names is None or n in select_names] \
-        if spec.train_only_selected else list(model.parameters())
+    if base is not None:
+        model.load_state_dict(base)
+    only_selected = spec.train_only_selected or partial
+    for n, p in model.named_parameters():
+        p.requires_grad_(not only_selected or select_names is None or n in select_names)
+    params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=hparams["lr"], momentum=0.9, weight_decay=hparams["weight_decay"])
     else:
@@ -116,6 +154,7 @@ def train_member(spec, task: Task, seed: int, hparams: dict, select_names: list[
     g = torch.Generator().manual_seed(seed)
     kept = []
     epochs = hparams["epochs"]
+    step = 0
     for epoch in range(1, epochs + 1):
         model.train()
         perm = torch.randperm(len(ytr), generator=g)
@@ -127,11 +166,27 @@ def train_member(spec, task: Task, seed: int, hparams: dict, select_names: list[
             opt.zero_grad()
             loss.backward()
             opt.step()
+            step += 1
+            if partial and epoch == epochs:   # p-diff: checkpoints along the last epoch
+                sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                kept.append((step, sd, None))
+                model.train()
+        if partial:
+            continue
         if epoch > epochs - spec.keep_last:
             tr, va = evaluate(model, Xtr, ytr), evaluate(model, Xva, yva)
             sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
             kept.append((epoch, sd, {"train_acc": tr["acc"], "train_loss": tr["loss"],
                                      "val_acc": va["acc"], "val_loss": va["loss"]}))
+    if partial:
+        kept = kept[-spec.keep_last:]
+        scored = []
+        for st, sd, _ in kept:
+            model.load_state_dict(sd)
+            tr, va = evaluate(model, Xtr, ytr), evaluate(model, Xva, yva)
+            scored.append((st, sd, {"train_acc": tr["acc"], "train_loss": tr["loss"],
+                                    "val_acc": va["acc"], "val_loss": va["loss"]}))
+        kept = scored
     return kept, time.perf_counter() - t0
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from . import architectures
 
-FAMILIES = ("dataset-subsets",)
+FAMILIES = ("dataset-subsets", "partial")
 
 
 @dataclass
@@ -53,7 +53,8 @@ class ZooSpec:
     members_per_task: int = 2
     seed: int = 0
     hparams: HParamRanges = field(default_factory=HParamRanges)
-    keep_last: int = 2                        # checkpoints kept (last K epochs)
+    keep_last: int = 2                        # checkpoints kept: last K epochs (partial: last K steps)
+    base_epochs: int = 10                     # partial: epochs of the shared base model per task
     optimizer: str = "adamw"
     batch_size: int = 64
     val_fraction: float = 0.3
@@ -75,7 +76,9 @@ class ZooSpec:
             raise ValueError("members_per_task: must be >= 1")
         if self.keep_last < 1:
             raise ValueError("keep_last: must be >= 1")
-        if self.keep_last > self.hparams.epochs[0]:
+        if self.family == "partial" and not self.select:
+            raise ValueError("select: the partial family needs the parameters it trains (e.g. norm-last:2)")
+        if self.family != "partial" and self.keep_last > self.hparams.epochs[0]:
             raise ValueError(f"keep_last: {self.keep_last} exceeds the fewest epochs {self.hparams.epochs[0]}")
         if self.block_size < 1:
             raise ValueError("block_size: must be >= 1")
