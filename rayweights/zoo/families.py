@@ -107,6 +107,26 @@ def draw_hparams(ranges, seed: int) -> dict:
 _BASES: dict = {}
 
 
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, X, y, batch_size: int, g: torch.Generator,
+                on_step=None) -> int:
+    """One epoch of minibatch cross-entropy training; ``on_step()`` after each step. Returns steps."""
+    model.train()
+    perm = torch.randperm(len(y), generator=g)
+    steps = 0
+    for i in range(0, len(y), batch_size):
+        idx = perm[i:i + batch_size]
+        if len(idx) < 2:        # BatchNorm needs two examples
+            continue
+        loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+        if on_step is not None:
+            on_step()
+    return steps
+
+
 def base_model_state(spec, task: Task) -> dict:
     """partial: the task's shared base model, trained once per process (deterministic per task)."""
     key = (spec.dataset, spec.architecture, str(spec.arch_options), task.task_id, spec.base_epochs)
@@ -119,16 +139,7 @@ def base_model_state(spec, task: Task) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
         g = torch.Generator().manual_seed(seed)
         for _ in range(spec.base_epochs):
-            model.train()
-            perm = torch.randperm(len(ytr), generator=g)
-            for i in range(0, len(ytr), spec.batch_size):
-                idx = perm[i:i + spec.batch_size]
-                if len(idx) < 2:
-                    continue
-                loss = nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            train_epoch(model, opt, Xtr, ytr, spec.batch_size, g)
         _BASES[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return _BASES[key]
 
@@ -155,22 +166,15 @@ def train_member(spec, task: Task, seed: int, hparams: dict, select_names: list[
     kept = []
     epochs = hparams["epochs"]
     step = 0
+
+    def snapshot():   # p-diff: a checkpoint after every step of the last epoch
+        kept.append((step + len(kept) + 1, {k: v.detach().clone() for k, v in model.state_dict().items()}, None))
+
     for epoch in range(1, epochs + 1):
-        model.train()
-        perm = torch.randperm(len(ytr), generator=g)
-        for i in range(0, len(ytr), spec.batch_size):
-            idx = perm[i:i + spec.batch_size]
-            if len(idx) < 2:
-                continue
-            loss = nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if partial and epoch == epochs:   # p-diff: checkpoints along the last epoch
-                sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                kept.append((step, sd, None))
-                model.train()
+        last_partial = partial and epoch == epochs
+        if last_partial:
+            kept.clear()
+        step += train_epoch(model, opt, Xtr, ytr, spec.batch_size, g, on_step=snapshot if last_partial else None)
         if partial:
             continue
         if epoch > epochs - spec.keep_last:
