@@ -14,6 +14,14 @@ from rayweights.sampling import (DiffusionBlockSampler, FolderSampler, GaussianW
 from rayweights.table import open_zoo
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def zoo_uri(tmp_path_factory):
     return tiny_zoo(tmp_path_factory)

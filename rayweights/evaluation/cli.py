@@ -26,7 +26,7 @@ from .adapters import AdapterError, make_adapter
 from .core import ALL_INITS, EvalOptions, TaskResult, ZooReference, evaluate_task
 from .report import write_report
 
-__all__ = ["EvaluateConfig", "evaluate", "main"]
+__all__ = ["EvaluateConfig", "evaluate", "main", "resolve_defaults", "validate"]
 
 
 @dataclass
@@ -34,9 +34,9 @@ class EvaluateConfig:
     zoo: str = ""                      # zoo URI the generator was trained on (required)
     generator: str = ""                # generator export: sampled here ...
     samples: str = ""                  # ... or a sample-weights output folder to reuse
-    family: str = ""                   # task adapter family (registered name or module:factory)
+    family: str = ""                   # adapter family (registered name or module:factory); default: the zoo's
     family_options: dict[str, Any] = field(default_factory=dict)
-    tasks: list[str] = field(default_factory=list)   # task conditions (held out from the generator)
+    tasks: list[str] = field(default_factory=list)   # task conditions; default: the zoo's held-out tasks
     num_samples: int = 10              # N
     epochs: int = 10                   # E
     method: str = "one_step"           # one_step | ddim | ddpm
@@ -53,8 +53,9 @@ class EvaluateConfig:
     target_tol: float = 0.0
     feature_extractor: str = "small"   # FID extractor for image families: small[:dim] | inception:<dir> | module:...
     output: str = ""
-    parallel: bool = True              # one Ray task per evaluation task
+    parallel: bool = True              # one Ray task per evaluation task (else all in this process)
     num_gpus: float = 0.0              # per evaluation task
+    cpus_per_task: float = 1.0         # per evaluation task (torch threads follow OMP_NUM_THREADS set by Ray)
     sample_concurrency: int = 1
     sample_chunk_blocks: int = 0
     seed: int = 0
@@ -103,6 +104,29 @@ def _publish(local_dir: str, uri: str) -> None:
                 write_bytes_atomic(root.join(*rel.split(os.sep)), fh.read())
 
 
+def resolve_defaults(cfg: EvaluateConfig) -> EvaluateConfig:
+    """Fill ``family`` and ``tasks`` from the zoo's ``zoo_spec.json`` (its family and held-out tasks)
+    when they are not given."""
+    from ..table import ZooError, open_zoo
+
+    if not cfg.zoo:
+        raise ConfigError("zoo: required (the zoo URI the generator learnt from)")
+    if cfg.family and cfg.tasks:
+        return cfg
+    try:
+        zoo = open_zoo(cfg.zoo)
+    except ZooError as exc:
+        raise ConfigError(f"zoo: {exc}") from exc
+    from .families import read_zoo_spec
+
+    try:
+        spec, held_out = read_zoo_spec(zoo)
+    except AdapterError as exc:
+        missing = "family" if not cfg.family else "tasks"
+        raise ConfigError(f"{missing}: not given and not readable from the zoo ({exc})") from exc
+    return dataclasses.replace(cfg, family=cfg.family or spec.family, tasks=list(cfg.tasks) or held_out)
+
+
 def validate(cfg: EvaluateConfig) -> None:
     """Everything checkable before work starts (raises ConfigError naming the field)."""
     from ..table import ZooError, open_zoo
@@ -112,7 +136,7 @@ def validate(cfg: EvaluateConfig) -> None:
     if not cfg.generator and not cfg.samples:
         raise ConfigError("generator: required (or samples: a sample-weights output folder)")
     if not cfg.tasks:
-        raise ConfigError("tasks: at least one task condition to evaluate")
+        raise ConfigError("tasks: at least one task condition to evaluate (default: the zoo's held-out tasks)")
     if not cfg.family:
         raise ConfigError("family: required (the task adapter family, e.g. dataset-subsets)")
     if not cfg.output:
@@ -125,10 +149,11 @@ def validate(cfg: EvaluateConfig) -> None:
         zoo = open_zoo(cfg.zoo)
     except ZooError as exc:
         raise ConfigError(f"zoo: {exc}") from exc
-    try:
-        make_adapter(cfg.family, cfg.tasks[0], zoo, _family_options(cfg))
-    except AdapterError as exc:
-        raise ConfigError(str(exc)) from exc
+    for c in cfg.tasks:
+        try:
+            make_adapter(cfg.family, c, zoo, _family_options(cfg))
+        except AdapterError as exc:
+            raise ConfigError(str(exc)) from exc
     from ..sampling import FolderSampler, SamplingError, load_sampler
 
     try:
@@ -159,6 +184,7 @@ def evaluate(cfg: EvaluateConfig, address: str | None = None, show_progress: boo
     from ..runtime import ray_init
     from ..sampling import SampleConfig, sample_weights
 
+    cfg = resolve_defaults(cfg)
     validate(cfg)
     try:
         check_writable(cfg.output)
@@ -172,8 +198,8 @@ def evaluate(cfg: EvaluateConfig, address: str | None = None, show_progress: boo
                                     method=cfg.method, t=cfg.t, steps=cfg.steps, seed=cfg.seed, output=samples_uri,
                                     concurrency=cfg.sample_concurrency, chunk_blocks=cfg.sample_chunk_blocks),
                        show_progress=show_progress)
-    if cfg.parallel and len(cfg.tasks) > 1:
-        remote = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus)(_evaluate_one)
+    if cfg.parallel:
+        remote = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.num_gpus)(_evaluate_one)
         results = ray.get([remote.remote(cfg, c, samples_uri, False) for c in cfg.tasks])
     else:
         results = [_evaluate_one(cfg, c, samples_uri, show_progress) for c in cfg.tasks]
@@ -207,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(EvaluateConfig, args.config, args.overrides)
         if args.output:
             cfg = dataclasses.replace(cfg, output=args.output)
+        cfg = resolve_defaults(cfg)
         validate(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -108,9 +108,16 @@ _BASES: dict = {}
 
 
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, X, y, batch_size: int, g: torch.Generator,
-                on_step=None) -> int:
-    """One epoch of minibatch cross-entropy training; ``on_step()`` after each step. Returns steps."""
+                on_step=None, freeze_norm_stats: bool = False) -> int:
+    """One epoch of minibatch cross-entropy training; ``on_step()`` after each step. Returns steps.
+
+    ``freeze_norm_stats`` keeps every BatchNorm on its stored running statistics (partial zoos:
+    only the selected parameters may change, so a member is exactly base + its table rows)."""
     model.train()
+    if freeze_norm_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     perm = torch.randperm(len(y), generator=g)
     steps = 0
     for i in range(0, len(y), batch_size):
@@ -174,7 +181,8 @@ def train_member(spec, task: Task, seed: int, hparams: dict, select_names: list[
         last_partial = partial and epoch == epochs
         if last_partial:
             kept.clear()
-        step += train_epoch(model, opt, Xtr, ytr, spec.batch_size, g, on_step=snapshot if last_partial else None)
+        step += train_epoch(model, opt, Xtr, ytr, spec.batch_size, g, on_step=snapshot if last_partial else None,
+                            freeze_norm_stats=partial)
         if partial:
             continue
         if epoch > epochs - spec.keep_last:
