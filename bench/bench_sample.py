@@ -1,15 +1,17 @@
 """Sampling speed and memory: one full weight set of the Denoised Weights paper's size.
 
-    python bench/bench_sample.py [--threads 2] [--repeats 3] [--preset mid]
+    python bench/bench_sample.py [--threads 2] [--repeats 3] [--presets tiny,small] [--memory-preset small]
 
 * time to generate one complete weight set (854 blocks x 256 = 0.22 M weights) with one-step direct
-  recovery and with 50-step DDIM, through ``rayweights.sampling.DiffusionBlockSampler`` (all blocks in
-  one batched forward per step), on CPU — and on GPU when one is present (else "not measured");
-* peak memory (RSS high-water mark of a fresh process during sampling, and above its RSS before) as the number of
-  blocks grows 10x, with all blocks in one forward vs block-wise chunks of 854 rows.
+  recovery and with 50-step DDIM through the production path (a DenoisedWeights generator's
+  ``sample``, as ``GeneratorSampler`` calls it: all blocks in one batched forward per step), on CPU,
+  and on GPU when one is present (else "not measured");
+* peak memory (RSS high-water mark of a fresh process during sampling, and above its RSS just
+  before) as the number of blocks grows 10x, all blocks in one forward vs block-wise chunks of 256 rows.
 
-The denoiser is ``rayweights.generators``' BlockUNet1D at the given preset when that package is
-present; otherwise a stand-in 1-D conv ResNet (this file) and the table says so.
+The denoiser is ``rayweights.generators``' BlockUNet1D (randomly initialised: speed and memory do
+not depend on the weights) at the given presets; without that package, a stand-in 1-D conv ResNet
+(this file) through ``rayweights.sampling.DiffusionBlockSampler``, and the table says so.
 """
 
 from __future__ import annotations
@@ -76,26 +78,38 @@ class StandInDenoiser(nn.Module):
         return self.out(h)[:, 0]
 
 
-def make_denoiser(preset: str):
-    """(callable(x, t, block_index, cond), description, number of parameters)."""
+def make_sampler(preset: str, layout: WeightLayout, method: str, steps: int, chunk: int, device: str):
+    """(sampler with .sample(condition, n, seed), description, parameter count).
+
+    With ``rayweights.generators``: the production path, a DenoisedWeights method object (BlockUNet1D
+    at ``preset``, text condition from a cached 384-d embedding, as MiniLM gives) sampled through
+    ``GeneratorSampler`` = ``method.sample``.  Without it: the stand-in denoiser through
+    ``rayweights.sampling.DiffusionBlockSampler``."""
     try:
-        from rayweights.generators import block_unet_denoiser   # provided by the generators package
+        from rayweights.conditioning import ConditionCache
+        from rayweights.generators import GeneratorSampler, build_method, count_parameters
     except ImportError as exc:
         model = StandInDenoiser().eval()
         n = sum(p.numel() for p in model.parameters())
-        return model, f"stand-in 1-D conv ResNet (rayweights.generators unavailable: {exc.__class__.__name__})", n
-    fn, desc, n = block_unet_denoiser(preset, block_size=BLOCK)
-    return fn, desc, n
+        s = DiffusionBlockSampler(model, layout, {"num_train_timesteps": 1000}, method=method, t=500, steps=steps,
+                                  chunk_blocks=chunk, device=device)
+        return s, f"stand-in 1-D conv ResNet (rayweights.generators unavailable: {exc.__class__.__name__})", n
+    cache = ConditionCache(["a concept"], torch.randn(1, 384, generator=torch.Generator().manual_seed(0)), "text",
+                           "fixed")
+    m = build_method("denoised_weights", layout, preset, conditions=cache)
+    n = count_parameters(m.model("denoiser"))          # instantiated now, not inside the measured call
+    s = GeneratorSampler(m, method, t=500, steps=steps, chunk_blocks=chunk, device=device)
+    return s, f"BlockUNet1D preset {preset!r} via DenoisedWeights.sample ({n / 1e6:.2f} M parameters)", n
 
 
 def time_one(sampler, repeats: int, device) -> float:
-    sampler.sample(None, 1, seed=0)                     # warm-up
+    sampler.sample("a concept", 1, seed=0)                     # warm-up
     best = float("inf")
     for r in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        sampler.sample(None, 1, seed=r)
+        sampler.sample("a concept", 1, seed=r)
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
@@ -105,9 +119,7 @@ def time_one(sampler, repeats: int, device) -> float:
 def child(num_blocks: int, chunk: int, method: str, preset: str) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     L = paper_layout(num_blocks)
-    den, _, _ = make_denoiser(preset)
-    s = DiffusionBlockSampler(den, L, {"num_train_timesteps": 1000}, method=method, t=500, steps=2,
-                              chunk_blocks=chunk, device="cpu")
+    s, _, _ = make_sampler(preset, L, method, 2, chunk, "cpu")
     import gc
 
     gc.collect()
@@ -115,7 +127,7 @@ def child(num_blocks: int, chunk: int, method: str, preset: str) -> None:
         f.write("5")
     before = _status_kib("VmRSS")
     t = time.perf_counter()
-    s.sample(None, 1, seed=0)
+    s.sample("a concept", 1, seed=0)
     secs = time.perf_counter() - t
     peak = _status_kib("VmHWM")
     print(json.dumps({"before_mib": before / 1024, "peak_mib": peak / 1024, "seconds": secs}))
@@ -140,7 +152,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--preset", default="mid")
+    p.add_argument("--presets", default="tiny,small", help="BlockUNet1D presets, comma-separated")
+    p.add_argument("--memory-preset", default="small")
+    p.add_argument("--skip-ddim", action="store_true")
     p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._child:
@@ -148,32 +162,38 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(a.threads)
     L = paper_layout()
-    den, desc, nparams = make_denoiser(a.preset)
-    print(f"denoiser: {desc}, {nparams / 1e6:.2f} M parameters; weight set: {L.num_blocks} blocks x {BLOCK} = "
-          f"{L.num_blocks * BLOCK / 1e6:.3f} M weights; CPU threads: {a.threads}\n")
     rows = []
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    for dev in devices:
-        if dev.type == "cuda":
-            den = den.to(dev) if isinstance(den, nn.Module) else den
-        for method, steps, goal in (("one_step", 1, "<= 1 s" if dev.type == "cpu" else "<= 0.1 s"),
-                                    ("ddim", 50, "-")):
-            s = DiffusionBlockSampler(den, L, {"num_train_timesteps": 1000}, method=method, t=500, steps=steps,
-                                      device=str(dev))
-            secs = time_one(s, a.repeats if method == "one_step" else 1, dev)
-            rows.append((dev.type.upper(), f"{method} ({steps} forward{'s' if steps > 1 else ''})", f"{secs:.3f}", goal))
+    presets = [p for p in a.presets.split(",") if p]
+    for preset in presets:
+        for dev in devices:
+            for method, steps, goal in (("one_step", 1, "<= 1 s" if dev.type == "cpu" else "<= 0.1 s"),
+                                        ("ddim", 50, "-")):
+                if method == "ddim" and a.skip_ddim:
+                    continue
+                s, desc, nparams = make_sampler(preset, L, method, steps, 0, str(dev))
+                secs = time_one(s, a.repeats if method == "one_step" else 1, dev)
+                rows.append((desc, dev.type.upper(), f"{method} ({steps} forward{'s' if steps > 1 else ''})",
+                             f"{secs:.3f}", goal))
+                print(f"  measured: {rows[-1]}", file=sys.stderr)
+    print(f"weight set: {L.num_blocks} blocks x {BLOCK} = {L.num_blocks * BLOCK / 1e6:.3f} M weights; "
+          f"CPU threads: {a.threads}\n")
     if not torch.cuda.is_available():
-        rows += [("GPU", "one_step (1 forward)", "not measured (no GPU in this session)", "<= 0.1 s"),
-                 ("GPU", "ddim (50 forwards)", "not measured (no GPU in this session)", "-")]
-    print("| device | method | seconds per weight set | goal |\n|---|---|---:|---|")
+        for preset in presets:
+            rows += [(f"BlockUNet1D preset {preset!r}", "GPU", "one_step (1 forward)",
+                      "not measured (no GPU in this session)", "<= 0.1 s"),
+                     (f"BlockUNet1D preset {preset!r}", "GPU", "ddim (50 forwards)",
+                      "not measured (no GPU in this session)", "-")]
+    print("| generator | device | method | seconds per weight set | goal |\n|---|---|---|---:|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    print("\nPeak memory of one-step sampling (fresh process; peak RSS while sampling, and above the RSS just before):\n")
+    print(f"\nPeak memory of one-step sampling, preset {a.memory_preset!r} (fresh process; peak RSS while sampling, "
+          "and above the RSS just before):\n")
     print("| blocks | weights (M) | rows per forward | peak RSS (MiB) | above baseline (MiB) | seconds |")
     print("|---:|---:|---|---:|---:|---:|")
     for nb in (PAPER_BLOCKS, 10 * PAPER_BLOCKS):
         for chunk in (0, 256):
-            m = measure_memory(nb, chunk, "one_step", a.preset, a.threads)
+            m = measure_memory(nb, chunk, "one_step", a.memory_preset, a.threads)
             print(f"| {nb} | {nb * BLOCK / 1e6:.2f} | {'all (one forward)' if chunk == 0 else chunk} | "
                   f"{m['peak_mib']:.0f} | {m['peak_mib'] - m['before_mib']:.0f} | {m['seconds']:.2f} |")
     return 0

@@ -27,7 +27,9 @@ Samplers (all implement :class:`rayweights.evaluation.protocols.WeightSampler`):
 * :class:`GaussianWeightSampler` — a per-condition Gaussian (mean + low-rank covariance) fitted to a
   zoo in normalised weight space (a KDE-like baseline generator, also the test double);
 * :class:`FolderSampler` — replays the weight sets of a ``sample-weights`` output folder;
-* a trained generator export (``rayweights.generators``) through :func:`load_sampler`.
+* a trained generator export (``rayweights.generators``: ``generator.json`` + models + layout) through
+  :func:`load_sampler`, which wraps it in ``rayweights.generators.GeneratorSampler`` (the method's
+  own ``sample``: one-step eq. 3 or DDIM/DDPM with diffusers' schedulers, all blocks batched).
 """
 
 from __future__ import annotations
@@ -364,6 +366,15 @@ def load_sampler(uri: str, method: str = "one_step", t: int = 500, steps: int = 
     if exists(resolve(_join(uri, SAMPLES_INDEX))):
         return FolderSampler(uri)
     opts = dict(method=method, t=t, steps=steps, chunk_blocks=chunk_blocks, device=device, dtype=dtype, layout=layout)
+    if exists(resolve(_join(uri, "generator.json"))):          # a rayweights.generators export
+        from .generators import GeneratorError, sampler_loader
+
+        try:
+            s = sampler_loader(uri, **opts)
+        except GeneratorError as exc:
+            raise SamplingError(f"generator: {exc}") from exc
+        if s is not None:
+            return s
     for _, fn in _LOADERS:
         s = fn(uri, **opts)
         if s is not None:

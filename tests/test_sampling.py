@@ -212,3 +212,52 @@ def test_sample_weights_to_s3_and_replay(ray_local, s3_uri, gaussian_export, zoo
     direct = GaussianWeightSampler.load(gaussian_export).sample("digits:0,1,2,3,4", 2,
                                                                 condition_seed(0, "digits:0,1,2,3,4"))
     assert torch.allclose(fs.sample("digits:0,1,2,3,4", 2), fs.layout.denormalize(direct) * L.valid_mask, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- real generator exports
+@pytest.fixture(scope="module")
+def generator_exports(zoo_uri, tmp_path_factory):
+    """Untrained tiny exports of rayweights.generators (format and plumbing, not quality): a
+    text-conditioned BlockUNet1D (condition cache of fixed embeddings) and an unconditional p-diff."""
+    from rayweights.conditioning import ConditionCache
+    from rayweights.generators import build_method
+
+    zoo = open_zoo(zoo_uri)
+    L = zoo.layout.fit_stats(zoo.blocks())
+    root = tmp_path_factory.mktemp("gens")
+    conds = zoo.conditions()
+    cache = ConditionCache(conds, torch.randn(len(conds), 16, generator=torch.Generator().manual_seed(0)), "text",
+                           "fixed-random")
+    dw = build_method("denoised_weights", L, "tiny", conditions=cache)
+    dw.save_pretrained(str(root / "dw"))
+    pd = build_method("pdiff", L, "tiny")
+    pd.fit_latent_scale(zoo.blocks().reshape(-1, L.num_blocks * L.block_size))
+    pd.save_pretrained(str(root / "pdiff"))
+    return {"dw": str(root / "dw"), "pdiff": str(root / "pdiff"), "conditions": conds}
+
+
+@pytest.mark.parametrize("method,steps", [("one_step", 1), ("ddim", 3)])
+def test_generator_export_samples_load_into_target(ray_local, zoo_uri, generator_exports, tmp_path, method, steps):
+    from rayweights.generators import GeneratorSampler
+
+    zoo = open_zoo(zoo_uri)
+    conds = generator_exports["conditions"][:2]
+    s = load_sampler(generator_exports["dw"], method, t=600, steps=steps, device="cpu")
+    assert isinstance(s, GeneratorSampler) and s.normalized and s.layout.same_structure(zoo.layout)
+    out = str(tmp_path / method)
+    entries = sample_weights(SampleConfig(generator=generator_exports["dw"], conditions=conds, num_samples=2,
+                                          method=method, t=600, steps=steps, output=out), show_progress=False)
+    assert len(entries) == 4
+    direct = s.sample(conds[1], 2, condition_seed(0, conds[1]))
+    for i in range(2):
+        sd = load_state_dict(os.path.join(out, "samples", condition_slug(conds[1]), f"sample-{i:05d}.safetensors"))
+        model = make_mlp(5)
+        load_layout_params(model, sd, zoo.layout)                                   # strict on the layout
+        assert torch.allclose(zoo.layout.tokenize(sd), s.layout.denormalize(direct[i]) * zoo.layout.valid_mask,
+                              atol=1e-5)
+        assert model(torch.zeros(2, 64)).shape == (2, 10)
+    # the unconditional p-diff export, one-step
+    p = load_sampler(generator_exports["pdiff"], "one_step", t=500)
+    b = p.sample(None, 3, seed=0)
+    assert b.shape == (3, zoo.layout.num_blocks, zoo.layout.block_size) and bool(torch.isfinite(b).all())
+    load_layout_params(make_mlp(0), reassemble(b[0], p.layout, p.normalized), zoo.layout)

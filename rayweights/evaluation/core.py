@@ -212,6 +212,7 @@ class TaskResult:
     memorisation: dict[str, Any]
     notes: list[str]
     verdict: dict[str, Any]
+    extra_metrics: list[str] = field(default_factory=list)   # also tabulated and plotted (e.g. fid, psnr)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -437,5 +438,10 @@ def evaluate_task(adapter: TaskAdapter, sampler: WeightSampler, reference: ZooRe
         winners = [n for n in curves if n != "generated" and not _better(g["epoch0"], table[n]["epoch0"], higher)
                    and n in ("nearest_noise", "soup")]
         verdict["simple_baselines_win_epoch0"] = winners
+    extra = [m for m in getattr(adapter, "report_metrics", []) if m in curves["random"].all_metrics[0]]
+    for name, c in curves.items():
+        for m in extra:
+            table[name][f"{m}_epoch0"] = c.all_metrics[0].get(m)
+            table[name][f"{m}_final"] = c.all_metrics[-1].get(m)
     return TaskResult(adapter.task_id, adapter.condition, seen, metric, higher, opt.epochs, curves, table, target,
-                      samples, mem, notes, verdict)
+                      samples, mem, notes, verdict, extra)

@@ -129,9 +129,10 @@ def save_images(images: torch.Tensor | np.ndarray, folder: str, prefix: str = "i
     return paths
 
 
-def compute_fid(dir_a: str, dir_b: str, feature_extractor: str | nn.Module = "small",
+def compute_fid(dir_a: str, dir_b: str, feature_extractor: str | nn.Module | tuple = "small",
                 device: torch.device | str = "cpu", batch_size: int = 32) -> float:
-    """Clean-FID between two image folders with the given extractor (spec or module)."""
+    """Clean-FID between two image folders with the given extractor: a spec string, a module (clean-fid's
+    299x299 resize), or the ``(module, resize fn)`` pair :func:`build_feature_extractor` returns."""
     from cleanfid import fid
 
     for d in (dir_a, dir_b):
@@ -140,6 +141,9 @@ def compute_fid(dir_a: str, dir_b: str, feature_extractor: str | nn.Module = "sm
     device = torch.device(device)
     if isinstance(feature_extractor, str):
         model, resize = build_feature_extractor(feature_extractor, device)
+    elif isinstance(feature_extractor, tuple):
+        model, resize = feature_extractor
+        model = model.to(device).eval()
     else:
         model, resize = feature_extractor.to(device).eval(), None
     return float(fid.compute_fid(dir_a, dir_b, custom_feat_extractor=model, device=device, num_workers=0,

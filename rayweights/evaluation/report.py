@@ -95,14 +95,17 @@ def render_markdown(results: Sequence[TaskResult], header: Mapping[str, Any] | N
         lines += [f"## Task `{r.task_id}` — `{r.condition}` ({'seen by the generator' if r.seen else 'held out'})",
                   "", f"Metric: **{r.metric}** on the test split ({better}); from-scratch target = random init "
                   f"after {r.epochs} epochs = {_f(r.target)}.", ""]
+        extra = list(getattr(r, "extra_metrics", []) or [])
+        ex_head = "".join(f" {m} epoch 0 | {m} epoch {r.epochs} |" for m in extra)
         lines.append(f"| initialisation | epoch 0 | epoch {r.epochs} | epochs to target | speed-up (epochs) | "
-                     "time to target (s) | speed-up (time) | init cost (s) | note |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+                     f"time to target (s) | speed-up (time) | init cost (s) |{ex_head} note |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(extra) + "---|")
         for name, row in r.table.items():
+            ex = "".join(f" {_f(row.get(f'{m}_epoch0'))} | {_f(row.get(f'{m}_final'))} |" for m in extra)
             lines.append(f"| {INIT_LABELS.get(name, name)} | {_f(row['epoch0'])} | {_f(row['final'])} | "
                          f"{_f(row['epochs_to_target'])} | {_f(row['speedup_epochs'], 2)} | "
                          f"{_f(row['time_to_target'], 3)} | {_f(row['speedup_time'], 2)} | "
-                         f"{_f(row['init_seconds'], 4)} | {row['note']} |")
+                         f"{_f(row['init_seconds'], 4)} |{ex} {row['note']} |")
         lines += ["", f"N-sample statistics at epoch 0 (no fine-tuning):", "",
                   "| set | best | avg | median | worst | N |", "|---|---:|---:|---:|---:|---:|"]
         for name, label in (("generated", "generated (test)"), ("generated_train", "generated (train)"),
@@ -150,15 +153,24 @@ def _plt():
 def plot_curves(result: TaskResult, path: str) -> str:
     """Metric vs epoch and vs cumulative wall time, one line per initialisation."""
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    extra = list(getattr(result, "extra_metrics", []) or [])
+    fig, axes = plt.subplots(1, 2 + len(extra), figsize=(5.5 * (2 + len(extra)), 4))
+    ax1, ax2 = axes[0], axes[1]
     for name, c in result.curves.items():
         label = INIT_LABELS.get(name, name)
         ax1.plot(range(len(c.values)), c.values, marker="o", ms=3, label=label)
         ax2.plot(c.wall, c.values, marker="o", ms=3, label=label)
+        for ax, m in zip(axes[2:], extra):      # seed 0's secondary metrics (FID curves, Denoised Weights Fig. 4)
+            ax.plot(range(len(c.all_metrics)), [e.get(m, float("nan")) for e in c.all_metrics], marker="o", ms=3,
+                    label=label)
     for ax, xl in ((ax1, "fine-tuning epoch"), (ax2, "wall time (s, incl. init cost)")):
         ax.axhline(result.target, color="grey", ls="--", lw=0.8)
         ax.set_xlabel(xl)
         ax.set_ylabel(result.metric)
+        ax.grid(alpha=0.3)
+    for ax, m in zip(axes[2:], extra):
+        ax.set_xlabel("fine-tuning epoch")
+        ax.set_ylabel(m)
         ax.grid(alpha=0.3)
     ax1.set_title(f"{result.task_id} ({'seen' if result.seen else 'held out'})")
     ax2.legend(fontsize=7, loc="best")

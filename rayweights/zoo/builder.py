@@ -1,26 +1,41 @@
 """Build a zoo on Ray Data: one row per member, trained on an actor pool, written as table rows.
 
-Each member writes its blocks file, then its manifest entry (``ZooWriter.write_member``), so a
-build is idempotent and resumable: members already in the manifest are skipped.  A member that
-raises is retried ``max_retries`` times, then recorded in ``failures/`` with its traceback.
+``build_zoo(spec)``:
+
+1. :func:`prepare` checks everything that can fail before training — tasks (held-out ones
+   reserved), data paths, the layout, and a probe write to the output URI — and writes
+   ``zoo_spec.json`` (the spec and the held-out conditions, for later stages);
+2. the family's shared work runs once (a base generator, per-dataset features), cached in the zoo;
+3. members not yet in the manifest become a ``ray.data.Dataset``; they train inside
+   ``map_batches`` on an actor pool (``compute=ActorPoolStrategy``) with ``num_cpus`` and
+   fractional ``num_gpus`` per actor, so several members share a GPU;
+4. each member writes its blocks file, then its manifest entry (``ZooWriter.write_member``): the
+   build is idempotent and resumable — rerunning skips finished members.  A member that raises is
+   retried ``max_retries`` times (Ray also restarts crashed actors), then recorded in
+   ``failures/`` with its traceback: never silently dropped, never half visible;
+5. the manifest is consolidated and a :class:`BuildSummary` returned.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
-from ..blocks import WeightLayout
+from ..blocks import LayoutError, WeightLayout
 from ..config import from_dict, to_dict
-from ..table import ZooError, ZooWriter
+from ..table import CheckpointRecord, ZooError, ZooWriter
 from . import families
+from .families import Task, get_family
 from .spec import ZooSpec
 
 log = logging.getLogger(__name__)
+
+__all__ = ["BuildSummary", "build_zoo", "prepare", "plan_tasks", "zoo_layout", "member_rows", "train_and_write"]
 
 
 @dataclass
@@ -32,116 +47,171 @@ class BuildSummary:
     failed: int
     wall_seconds: float
     failures: list[tuple[str, str]]
+    held_out: int = 0
+    score_metric: str = ""
+    score_mean: float = float("nan")
+    shared: dict = field(default_factory=dict)
 
     @property
     def members_per_hour(self) -> float:
         return self.done / self.wall_seconds * 3600 if self.wall_seconds > 0 else 0.0
 
     def __str__(self) -> str:
-        return (f"zoo {self.uri}: {self.done} done, {self.skipped} skipped, {self.failed} failed "
-                f"of {self.planned} planned in {self.wall_seconds:.1f} s ({self.members_per_hour:.0f} members/h)")
+        s = (f"zoo {self.uri}: {self.done} done, {self.skipped} skipped, {self.failed} failed "
+             f"of {self.planned} planned in {self.wall_seconds:.1f} s ({self.members_per_hour:.0f} members/h)")
+        if self.done and self.score_metric:
+            s += f"; mean last-checkpoint {self.score_metric} {self.score_mean:.3f}"
+        return s
 
 
-def plan_tasks(spec: ZooSpec) -> tuple[list[families.Task], list[families.Task]]:
-    """-> (training tasks, held-out tasks)."""
+def plan_tasks(spec: ZooSpec) -> tuple[list[Task], list[Task]]:
+    """-> (training tasks, held-out tasks).  Held-out entries match a task's condition or its group
+    (a concept key holds out all its paraphrases); ``held_out_every`` reserves every k-th group."""
+    fam = get_family(spec.family)
     if spec.tasks:
-        tasks = [families.task_from_condition(c) for c in spec.tasks]
+        tasks = [fam.task_from_condition(spec, c) for c in spec.tasks]
     else:
-        tasks = families.enumerate_tasks(spec.dataset, spec.classes_per_task)
+        tasks = fam.enumerate_tasks(spec)
     held = set(spec.held_out)
-    held_out = [t for t in tasks if t.condition in held]
-    for c in held - {t.condition for t in tasks}:
-        held_out.append(families.task_from_condition(c))
-    train = [t for t in tasks if t.condition not in held]
+    hit = lambda t: t.condition in held or t.holdout_key in held or t.task_id in held
+    direct = [t for t in tasks if hit(t)]
+    matched = {k for t in direct for k in (t.condition, t.holdout_key, t.task_id)}
+    extra = [fam.task_from_condition(spec, c) for c in sorted(held - matched)]
+    held_keys = {t.holdout_key for t in direct + extra}
+    held_out = [t for t in tasks if t.holdout_key in held_keys] + extra
+    train = [t for t in tasks if t.holdout_key not in held_keys]
     if spec.held_out_every:
-        held_out += [t for i, t in enumerate(train) if i % spec.held_out_every == spec.held_out_every - 1]
-        train = [t for i, t in enumerate(train) if i % spec.held_out_every != spec.held_out_every - 1]
+        groups = list(dict.fromkeys(t.holdout_key for t in train))
+        k = spec.held_out_every
+        reserve = {gk for i, gk in enumerate(groups) if i % k == k - 1}
+        held_out += [t for t in train if t.holdout_key in reserve]
+        train = [t for t in train if t.holdout_key not in reserve]
     if spec.max_tasks:
         train = train[:spec.max_tasks]
     if not train:
         raise ValueError("tasks: the task list is empty (after removing held-out tasks)")
-    for t in train + held_out:
-        if len(t.classes) != spec.classes_per_task:
-            raise ValueError(f"tasks: {t.condition} has {len(t.classes)} classes, spec says {spec.classes_per_task}")
+    ids = [t.task_id for t in train]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
+        raise ValueError(f"tasks: {dup} appears twice")
+    if hasattr(fam, "validate_tasks"):
+        fam.validate_tasks(spec, train + held_out)
     return train, held_out
 
 
+def effective_select(spec: ZooSpec):
+    return spec.select if spec.select is not None else get_family(spec.family).default_select(spec)
+
+
 def zoo_layout(spec: ZooSpec) -> WeightLayout:
-    sd = families.template_state_dict(spec, spec.classes_per_task)
-    return WeightLayout.from_state_dict(sd, rule=spec.rule, block_size=spec.block_size, select=spec.select)
+    sd = get_family(spec.family).template_state_dict(spec)
+    try:
+        return WeightLayout.from_state_dict(sd, rule=spec.rule, block_size=spec.block_size, select=effective_select(spec))
+    except LayoutError as exc:
+        raise ValueError(f"select: {exc}") from exc
 
 
 def member_rows(spec: ZooSpec, tasks) -> list[dict]:
+    """One row per member: id ``<task_id>-s<k>``, a seed derived from (spec seed, task, k)."""
     rows = []
     for t in tasks:
         for m in range(spec.members_per_task):
-            seed = spec.seed * 1_000_003 + hash_str(t.task_id) % 100_000 * 100 + m
+            seed = spec.seed * 1_000_003 + zlib.crc32(t.task_id.encode()) % 100_000 * 100 + m
             rows.append({"member_id": f"{t.task_id}-s{m}", "task_id": t.task_id, "condition": t.condition,
-                         "seed": seed})
+                         "group": t.group, "classes": ",".join(map(str, t.classes)), "seed": seed})
     return rows
 
 
-def hash_str(s: str) -> int:
-    import zlib
-    return zlib.crc32(s.encode())
+def _row_task(row: dict) -> Task:
+    classes = tuple(int(c) for c in row["classes"].split(",")) if row.get("classes") else ()
+    return Task(row["task_id"], row["condition"], classes, row.get("group", ""))
 
 
-def train_and_write(spec: ZooSpec, writer: ZooWriter, row: dict) -> dict:
+def _injected_failures(spec: ZooSpec, member_id: str) -> int:
+    """How many first attempts of ``member_id`` fault injection fails (a huge number = all)."""
+    for f in spec.fail_members:
+        mid, _, n = f.partition(":")
+        if mid == member_id:
+            return int(n) if n else 1 << 30
+    return 0
+
+
+def train_and_write(spec: ZooSpec, writer: ZooWriter, row: dict, device: str | None = None) -> dict:
     """Train one member with retries; write it, or record its failure. Never raises."""
-    task = families.task_from_condition(row["condition"])
+    fam = get_family(spec.family)
+    task = _row_task(row)
     hp = families.draw_hparams(spec.hparams, row["seed"])
     select_names = writer.layout.param_names
+    device = device or families.resolve_device(spec)
+    inject = _injected_failures(spec, row["member_id"])
     err = ""
     t0 = time.perf_counter()
-    for attempt in range(1, spec.max_retries + 2):
+    attempts = spec.max_retries + 1
+    for attempt in range(1, attempts + 1):
         try:
-            if row["member_id"] in spec.fail_members:
-                raise RuntimeError(f"injected failure for {row['member_id']} (fail_members)")
-            kept, _ = families.train_member(spec, task, row["seed"], hp, select_names)
-            from ..table import CheckpointRecord
+            if attempt <= inject:
+                raise RuntimeError(f"injected failure for {row['member_id']} (fail_members, attempt {attempt})")
+            kept = fam.train_member(spec, task, row["seed"], hp, select_names, device)
             writer.write_member(row["member_id"], row["task_id"], row["condition"], row["seed"],
-                                [CheckpointRecord(step=e, state_dict=sd, metrics=m) for e, sd, m in kept],
-                                hparams={**hp, "architecture": spec.architecture, "attempts": attempt})
-            return {**row, "status": "done", "seconds": time.perf_counter() - t0, "error": "",
-                    "val_acc": kept[-1][2]["val_acc"]}
-        except Exception:  # noqa: BLE001 - recorded, never silently dropped
+                                [CheckpointRecord(step=s, state_dict=sd, metrics=m) for s, sd, m in kept],
+                                hparams={**hp, "architecture": spec.architecture, "attempts": attempt,
+                                         "device": device})
+            return {"member_id": row["member_id"], "status": "done", "attempts": attempt,
+                    "seconds": time.perf_counter() - t0, "error": "",
+                    "score": float(kept[-1][2].get(fam.score_metric, float("nan")))}
+        except Exception:  # noqa: BLE001 - retried, then recorded: never silently dropped
             err = traceback.format_exc()
-            log.warning("member %s attempt %d failed: %s", row["member_id"], attempt, err.strip().splitlines()[-1])
-    writer.record_failure(row["member_id"], row["task_id"], err, attempts=spec.max_retries + 1)
-    return {**row, "status": "failed", "seconds": time.perf_counter() - t0, "error": err.strip().splitlines()[-1],
-            "val_acc": float("nan")}
+            log.warning("member %s attempt %d/%d failed: %s", row["member_id"], attempt, attempts,
+                        err.strip().splitlines()[-1])
+            if attempt < attempts:
+                time.sleep(min(0.2 * 2 ** attempt, 5.0))
+    try:
+        writer.record_failure(row["member_id"], row["task_id"], err, attempts=attempts)
+    except Exception:  # noqa: BLE001 - the storage itself is failing; the summary still reports it
+        err += "\n(recording the failure also failed: " + traceback.format_exc().strip().splitlines()[-1] + ")"
+    return {"member_id": row["member_id"], "status": "failed", "attempts": attempts,
+            "seconds": time.perf_counter() - t0, "error": err.strip().splitlines()[-1], "score": float("nan")}
+
+
+_RESULT_KEYS = ("member_id", "status", "attempts", "seconds", "error", "score")
 
 
 class _MemberTrainer:
-    """Actor-pool UDF: each actor holds the spec and the writer; one batch = some members."""
+    """Actor-pool UDF: each actor holds the spec and the writer; a batch is one or more members."""
 
-    def __init__(self, spec: dict, uri: str, layout_json: str, env: dict):
+    def __init__(self, spec: dict, layout_json: str, env: dict):
         for k, v in env.items():
             os.environ.setdefault(k, v)
         import torch
-        torch.set_num_threads(1)
+
         self.spec = from_dict(ZooSpec, spec)
-        self.writer = ZooWriter(uri, WeightLayout.from_json(layout_json))
+        torch.set_num_threads(max(1, int(self.spec.resources.num_cpus)))
+        self.writer = ZooWriter(self.spec.output, WeightLayout.from_json(layout_json))
+        self.device = families.resolve_device(self.spec)
 
     def __call__(self, batch: dict) -> dict:
-        out = {k: [] for k in ("member_id", "task_id", "condition", "seed", "status", "seconds", "error", "val_acc")}
+        out: dict[str, list] = {k: [] for k in _RESULT_KEYS}
+        keys = ("member_id", "task_id", "condition", "group", "classes", "seed")
         for i in range(len(batch["member_id"])):
-            row = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i])
-                   for k in ("member_id", "task_id", "condition", "seed")}
-            res = train_and_write(self.spec, self.writer, row)
+            row = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]) for k in keys}
+            res = train_and_write(self.spec, self.writer, row, self.device)
             for k in out:
                 out[k].append(res[k])
         return out
 
 
 _ENV = ("RAYWEIGHTS_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+        "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE")
 
 
-def prepare(spec: ZooSpec) -> tuple[ZooWriter, list[dict], list]:
-    """Validate everything that can fail before training: tasks, layout, output URI."""
+def prepare(spec: ZooSpec) -> tuple[ZooWriter, list[dict], list[Task]]:
+    """Validate everything that can fail before training: tasks, data, layout, output URI.
+    Raises ValueError('<field>: why'); creates the zoo's layout.json on success."""
     if not spec.output:
         raise ValueError("output: no output URI (set `output:` in the spec or pass --output)")
+    fam = get_family(spec.family)
+    fam.check(spec)
     train, held_out = plan_tasks(spec)
     layout = zoo_layout(spec)
     try:
@@ -151,18 +221,56 @@ def prepare(spec: ZooSpec) -> tuple[ZooWriter, list[dict], list]:
     return writer, member_rows(spec, train), held_out
 
 
-def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True) -> BuildSummary:
+def _shared_task(spec_dict: dict, env: dict) -> dict:
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    import torch
+
+    s = from_dict(ZooSpec, spec_dict)
+    torch.set_num_threads(max(1, int(s.resources.num_cpus)))
+    return get_family(s.family).prepare(s, families.resolve_device(s))
+
+
+def _run_shared(spec: ZooSpec, use_ray: bool) -> dict:
+    """The family's once-per-build work, on a worker with the members' resources under Ray."""
+    fam = get_family(spec.family)
+    if not fam.needs_prepare(spec):
+        return {}
+    if not use_ray:
+        return fam.prepare(spec, families.resolve_device(spec))
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k in _ENV}
+    remote = ray.remote(num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus or None,
+                        max_retries=spec.max_retries)(_shared_task)
+    return ray.get(remote.remote(to_dict(spec), env))
+
+
+def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, progress: bool = True) -> BuildSummary:
     """Build (or resume) the zoo described by ``spec``; returns the summary."""
+    from tqdm import tqdm
+
+    from ..storage import join, resolve, write_bytes_atomic
+
     writer, rows, held_out = prepare(spec)
-    from ..storage import join, write_bytes_atomic, resolve
-    import json
     write_bytes_atomic(resolve(join(spec.output, "zoo_spec.json")), json.dumps(
-        {"spec": to_dict(spec), "held_out": [t.condition for t in held_out]}, indent=1).encode())
+        {"spec": to_dict(spec), "held_out": [t.condition for t in held_out],
+         "held_out_task_ids": [t.task_id for t in held_out]}, indent=1).encode())
+    fam = get_family(spec.family)
     t0 = time.perf_counter()
     done_before = writer.done_members()
     todo = [r for r in rows if r["member_id"] not in done_before]
     skipped = len(rows) - len(todo)
     results: list[dict] = []
+    shared: dict = {}
+    bar = tqdm(total=len(todo), desc=f"zoo {spec.name}", unit="member", disable=not progress or not todo)
+
+    def tick(res: dict):
+        results.append(res)
+        bar.update(1)
+        bar.set_postfix(done=sum(r["status"] == "done" for r in results),
+                        failed=sum(r["status"] == "failed" for r in results))
+
     if todo and use_ray:
         import ray
         from ray.data import ActorPoolStrategy
@@ -170,19 +278,34 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True) -
         from ..runtime import ray_init
 
         ray_init(address)
+        shared = _run_shared(spec, use_ray=True)
         workers = max(1, min(spec.resources.workers, len(todo)))
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         env = {k: v for k, v in os.environ.items() if k in _ENV}
         ds = ds.map_batches(_MemberTrainer, batch_size=1,
-                            fn_constructor_kwargs={"spec": to_dict(spec), "uri": spec.output,
-                                                   "layout_json": writer.layout.to_json(), "env": env},
+                            fn_constructor_kwargs={"spec": to_dict(spec), "layout_json": writer.layout.to_json(),
+                                                   "env": env},
                             compute=ActorPoolStrategy(size=workers),
                             num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus or None)
-        results = ds.take_all()
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            tick({k: (v[0].item() if hasattr(v[0], "item") else v[0]) for k, v in batch.items()})
     elif todo:
-        from tqdm import tqdm
-        results = [train_and_write(spec, writer, r) for r in tqdm(todo, desc="members")]
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(spec.resources.num_cpus)))     # as each actor does
+        try:
+            shared = _run_shared(spec, use_ray=False)
+            device = families.resolve_device(spec)
+            for r in todo:
+                tick(train_and_write(spec, writer, r, device))
+        finally:
+            torch.set_num_threads(threads)
+    bar.close()
     writer.consolidate()
     failed = [r for r in results if r["status"] == "failed"]
+    scores = [r["score"] for r in results if r["status"] == "done" and r["score"] == r["score"]]
     return BuildSummary(spec.output, len(rows), len(results) - len(failed), skipped, len(failed),
-                        time.perf_counter() - t0, [(r["member_id"], r["error"]) for r in failed])
+                        time.perf_counter() - t0, [(r["member_id"], r["error"]) for r in failed],
+                        held_out=len(held_out), score_metric=fam.score_metric,
+                        score_mean=sum(scores) / len(scores) if scores else float("nan"), shared=shared or {})

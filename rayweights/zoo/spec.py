@@ -1,4 +1,9 @@
-"""The zoo spec: a strict, typed YAML document (unknown keys are errors naming the field)."""
+"""The zoo spec: a strict, typed YAML document (unknown keys are errors naming the field).
+
+Everything that can be checked without data is checked here (``__post_init__``); what needs the
+data or the output URI (dataset paths, the task list, the layout, a probe write) is checked by
+``rayweights.zoo.builder.prepare`` — both before any member trains.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,13 @@ from dataclasses import dataclass, field
 
 from . import architectures
 
-FAMILIES = ("dataset-subsets", "partial")
+OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 @dataclass
 class HParamRanges:
-    """Per-member variation: each member draws its own values from these ranges (seeded)."""
+    """Per-member variation: each member draws its own values from these ranges (seeded), so a zoo
+    is diverse by design rather than consecutive checkpoints of one run."""
 
     lr: list[float] = field(default_factory=lambda: [3e-3, 3e-2])
     weight_decay: list[float] = field(default_factory=lambda: [1e-5, 1e-3])
@@ -34,44 +40,103 @@ class Resources:
     num_gpus: float = 0.0          # fractional: 0.25 packs four members per GPU
     workers: int = 2               # actor pool size (max concurrent members)
 
+    def __post_init__(self):
+        if self.num_cpus <= 0:
+            raise ValueError("resources.num_cpus: must be > 0")
+        if not 0 <= self.num_gpus <= 8:
+            raise ValueError(f"resources.num_gpus: {self.num_gpus} (0 for CPU, a fraction to pack members per GPU)")
+        if self.workers < 1:
+            raise ValueError("resources.workers: must be >= 1")
+
+
+@dataclass
+class ConceptOptions:
+    """The ``concepts`` family (Denoised Neural Weights): paired data, editor, base generator, GAN."""
+
+    image_size: int = 16                # source/target images are image_size x image_size RGB
+    num_images: int = 64                # paired images per concept (paper: 400 per concept, 80/10/10 split)
+    image_seed: int = 0                 # seed of the procedural source images
+    max_ops: int = 2                    # 1: single operations only; 2: plus two-step compositions
+    paraphrases: int = 1                # prompts per concept (the paper's augmented concepts)
+    editor: str = "procedural"          # procedural | diffusers:<pipeline folder>
+    editor_options: dict = field(default_factory=dict)   # e.g. {num_inference_steps: 20}
+    lambda_l1: float = 100.0            # lambda of eq. 4 (pix2pix's 100)
+    base_images: int = 256              # images the base generator is trained on (identity, L1)
+    base_lr: float = 2e-3
+    discriminator: dict = field(default_factory=lambda: {"width": 16, "layers": 2})
+
+    def __post_init__(self):
+        if self.image_size < 8 or self.image_size % 4:
+            raise ValueError(f"concepts.image_size: {self.image_size} must be >= 8 and divisible by 4")
+        if self.num_images < 4:
+            raise ValueError("concepts.num_images: must be >= 4")
+        if self.max_ops not in (1, 2):
+            raise ValueError("concepts.max_ops: 1 or 2")
+        if self.paraphrases < 1:
+            raise ValueError("concepts.paraphrases: must be >= 1")
+        if self.editor != "procedural" and not self.editor.startswith("diffusers:"):
+            raise ValueError(f"concepts.editor: {self.editor!r} is not 'procedural' or 'diffusers:<path>'")
+        if self.lambda_l1 < 0 or self.base_lr <= 0 or self.base_images < 2:
+            raise ValueError("concepts: lambda_l1 >= 0, base_lr > 0 and base_images >= 2 are required")
+        unknown = set(self.discriminator) - {"width", "layers"}
+        if unknown:
+            raise ValueError(f"concepts.discriminator: unknown key(s) {sorted(unknown)} (width, layers)")
+
 
 @dataclass
 class ZooSpec:
     name: str
     output: str = ""                         # URI of the zoo (folder / file:// / s3://); --output overrides
-    family: str = "dataset-subsets"
-    dataset: str = "digits"                  # digits | imagefolder:<path>
+    family: str = "dataset-subsets"          # dataset-subsets | partial | concepts
+    # --- data (classifier families)
+    dataset: str = "digits"                  # digits | imagefolder:<path> | torchvision:<Name>:<root> | parquet:<uri>
+    image_size: int = 32                     # resize for image folders / tables (digits stay 8x8)
+    features: str = ""                       # "" | clip:<path>: train on frozen CLIP image embeddings
     classes_per_task: int = 5
-    tasks: list[str] = field(default_factory=list)       # explicit conditions "digits:0,1,2,3,4" ...
-    max_tasks: int = 0                        # else: enumerate all subsets, keep the first N (0 = all)
-    held_out: list[str] = field(default_factory=list)    # conditions reserved for evaluation
-    held_out_every: int = 0                   # also reserve every k-th enumerated task
+    max_examples_per_class: int = 0          # 0 = all (D2NWG: subsets of classes and examples)
+    # --- tasks
+    tasks: list[str] = field(default_factory=list)       # explicit conditions ("digits:0,1,2,3,4", prompts)
+    max_tasks: int = 0                        # else: enumerate all tasks, keep the first N (0 = all)
+    held_out: list[str] = field(default_factory=list)    # conditions / concept keys reserved for evaluation
+    held_out_every: int = 0                   # also reserve every k-th enumerated task (concept)
+    # --- members
     architecture: str = "mlp3"
     arch_options: dict = field(default_factory=dict)
-    select: str | list[str] | None = None     # which parameters are kept (see WeightLayout)
-    train_only_selected: bool = False
+    select: str | list[str] | None = None     # which parameters are kept (see WeightLayout); concepts: LoRA+BN
+    train_only_selected: bool = False         # partial and concepts always train only the selected ones
     members_per_task: int = 2
     seed: int = 0
     hparams: HParamRanges = field(default_factory=HParamRanges)
     keep_last: int = 2                        # checkpoints kept: last K epochs (partial: last K steps)
-    base_epochs: int = 10                     # partial: epochs of the shared base model per task
-    optimizer: str = "adamw"
+    base_epochs: int = 10                     # partial: per-task base model; concepts: the base generator
+    optimizer: str = "adamw"                  # adamw | adam | sgd
     batch_size: int = 64
     val_fraction: float = 0.3
+    concepts: ConceptOptions = field(default_factory=ConceptOptions)
+    # --- layout
     block_size: int = 256
     rule: int = 1
+    # --- execution
     resources: Resources = field(default_factory=Resources)
+    device: str = "auto"                      # auto (cuda when num_gpus > 0 and visible) | cpu | cuda
     max_retries: int = 2
-    fail_members: list[str] = field(default_factory=list)   # fault injection (tests, drills)
+    fail_members: list[str] = field(default_factory=list)   # fault injection: "member_id" or "member_id:N"
 
     def __post_init__(self):
+        from .families import FAMILIES
+
         if self.family not in FAMILIES:
-            raise ValueError(f"family: unknown {self.family!r} (available: {', '.join(FAMILIES)})")
+            raise ValueError(f"family: unknown {self.family!r} (available: {', '.join(sorted(FAMILIES))})")
         if self.architecture not in architectures.ARCHITECTURES:
             raise ValueError(f"architecture: unknown {self.architecture!r} "
                              f"(registered: {', '.join(sorted(architectures.ARCHITECTURES))})")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer: {self.optimizer!r} is not adamw or sgd")
+        need = FAMILIES[self.family].arch_kind
+        if architectures.ARCH_KINDS[self.architecture] != need:
+            fits = sorted(a for a, k in architectures.ARCH_KINDS.items() if k == need)
+            raise ValueError(f"architecture: {self.architecture} is a {architectures.ARCH_KINDS[self.architecture]}; "
+                             f"family {self.family} trains a {need} ({', '.join(fits)})")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.members_per_task < 1:
             raise ValueError("members_per_task: must be >= 1")
         if self.keep_last < 1:
@@ -84,5 +149,18 @@ class ZooSpec:
             raise ValueError("block_size: must be >= 1")
         if self.classes_per_task < 2:
             raise ValueError("classes_per_task: must be >= 2")
-        if "tasks" in self.__dict__ and self.tasks is not None and not isinstance(self.tasks, list):
-            raise ValueError("tasks: expected a list")
+        if self.max_tasks < 0 or self.held_out_every < 0 or self.max_examples_per_class < 0:
+            raise ValueError("max_tasks / held_out_every / max_examples_per_class: must be >= 0")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction: {self.val_fraction} must be in (0, 1)")
+        if self.batch_size < 2:
+            raise ValueError("batch_size: must be >= 2 (BatchNorm)")
+        if self.base_epochs < 1 and self.family in ("partial", "concepts"):
+            raise ValueError("base_epochs: must be >= 1")
+        if self.max_retries < 0:
+            raise ValueError("max_retries: must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device: {self.device!r} is not auto, cpu or cuda[:N]")
+        for f in self.fail_members:
+            if f.count(":") > 1 or (":" in f and not f.rsplit(":", 1)[1].isdigit()):
+                raise ValueError(f"fail_members: {f!r} is not 'member_id' or 'member_id:N'")

@@ -1,0 +1,270 @@
+"""The Ray Train worker loop: DeepSpeed over one stage of a generator method.
+
+Every worker builds the method from its serialised state, wraps the stage's loss module with
+``deepspeed.initialize`` (ZeRO stage and precision from the config, ``torch.optim.AdamW`` through
+DeepSpeed's ``torch_adam``), streams its shard of the table with
+``get_dataset_shard("train").iter_torch_batches`` and reports every ``log_every`` steps.
+
+Checkpoints (every ``checkpoint_every`` optimiser steps and at the last step) are DeepSpeed
+checkpoints written by *every* rank into its local folder — DeepSpeed's file names carry the rank
+(``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``; ZeRO-3 also per-rank model states) — and
+reported by all ranks under one ``checkpoint_dir_name``, which Ray Train merges in storage.
+Rank 0 adds ``rayweights_checkpoint.json`` (step, stage, world size, ZeRO stage) and, at the last
+step, ``model/``: the full fp32 weights gathered from the ZeRO partitions, ``save_pretrained``.
+
+On (re)start the worker resumes from ``ray.train.get_checkpoint()``; DeepSpeed's files are read
+with ``torch.load(weights_only=True)`` and an explicit allowlist of DeepSpeed's own classes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CKPT_META = "rayweights_checkpoint.json"
+MODEL_DIR = "model"
+
+
+# ----------------------------------------------------------------------------- DeepSpeed helpers
+def deepspeed_config(stage_cfg: dict, cfg: dict, world_size: int, bf16: bool) -> dict:
+    """The DeepSpeed config of one stage (global batch = micro x accumulation x world size)."""
+    accum = int(cfg["gradient_accumulation"])
+    micro = stage_cfg["batch_size"] // (world_size * accum)
+    lr, steps, warm = float(stage_cfg["lr"]), int(stage_cfg["steps"]), int(stage_cfg["warmup_steps"])
+    if stage_cfg["lr_schedule"] == "constant":
+        sched = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                                "warmup_num_steps": max(1, warm), "warmup_type": "linear"}}
+    elif stage_cfg["lr_schedule"] == "linear_decay":
+        sched = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                                     "warmup_num_steps": max(1, warm), "total_num_steps": steps,
+                                                     "warmup_type": "linear"}}
+    else:
+        sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": steps, "warmup_num_steps": max(1, warm),
+                                                      "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0}}
+    zero: dict = {"stage": int(cfg["zero_stage"])}
+    if zero["stage"] == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": False, "contiguous_gradients": True,
+                     "overlap_comm": True})
+    elif zero["stage"] in (1, 2):
+        zero.update({"contiguous_gradients": True, "overlap_comm": bool(cfg.get("use_gpu"))})
+    return {
+        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": float(stage_cfg["weight_decay"]),
+                                                  "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
+        "scheduler": sched,
+        "gradient_clipping": float(stage_cfg["grad_clip"]),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def _deepspeed_safe_globals() -> list:
+    """DeepSpeed classes that appear in its checkpoints (allowlist for weights_only loading)."""
+    import argparse
+    import collections
+
+    out: list = [argparse.Namespace, collections.OrderedDict]
+    candidates = [
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler", "LossScaleProfile")),
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+        ("deepspeed.runtime.zero.stage3", ()),
+    ]
+    import importlib
+
+    for mod, names in candidates:
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        out += [getattr(m, n) for n in names if hasattr(m, n)]
+    return out
+
+
+def install_safe_checkpoint_loading(engine) -> None:
+    """Make the engine read checkpoints with ``torch.load(weights_only=True)`` (no arbitrary unpickling)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    allow = _deepspeed_safe_globals()
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allow):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine = SafeTorchCheckpointEngine(engine._config)
+
+
+def gather_fp32_state_dict(engine, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights of ``module`` from the (possibly ZeRO-partitioned, bf16) engine; collective:
+    every rank must call it; returns the state_dict on rank 0, None elsewhere."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    out = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    full = p.detach().float().clone()
+            else:
+                full = p.detach().float()
+        if rank == 0:
+            out[name] = full.detach().float().cpu().clone()
+    for name, b in module.named_buffers():
+        if rank == 0:
+            out[name] = b.detach().cpu().clone()
+    return out if rank == 0 else None
+
+
+# ----------------------------------------------------------------------------- the loop
+def _fault(cfg: dict, stage: str, step: int, rank: int, first_stage: str) -> None:
+    fi = cfg["fault_injection"]
+    if fi["step"] < 0 or step != fi["step"] or rank != fi["rank"] or (fi["stage"] or first_stage) != stage:
+        return
+    from ..storage import exists, resolve, write_bytes_atomic
+
+    marker = resolve(cfg["run_uri"]).join(stage, f"fault-injected-step{step}")
+    if exists(marker):       # inject once per run: the restarted attempt passes
+        return
+    write_bytes_atomic(marker, json.dumps({"step": step, "rank": rank, "time": time.time()}).encode())
+    log.warning("fault injection: rank %d dies at step %d (%s)", rank, step, fi["mode"])
+    if fi["mode"] == "exit":
+        os._exit(17)
+    raise RuntimeError(f"fault injection at step {step} on rank {rank}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    from ..generators.methods import GeneratorMethod
+
+    cfg, stage, sc = config["train"], config["stage"], config["stage_cfg"]
+    for k, v in config.get("env", {}).items():
+        os.environ.setdefault(k, v)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.get("cpus_per_worker", 1))))
+    torch.manual_seed(int(cfg["seed"]) * 1000 + rank)
+    bf16 = bool(config["bf16"])
+
+    method = GeneratorMethod.from_state(config["method_state"])
+    ds_cfg = deepspeed_config(sc, cfg, world, bf16)
+    if int(cfg["zero_stage"]) == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+            module = method.trainer_module(stage)
+    else:
+        module = method.trainer_module(stage)
+    model_key = method.stage_model[stage]
+    if cfg.get("gradient_checkpointing") and hasattr(method.model(model_key), "enable_gradient_checkpointing"):
+        method.model(model_key).enable_gradient_checkpointing()
+    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_cfg,
+                                           model_parameters=[p for p in module.parameters() if p.requires_grad])
+    install_safe_checkpoint_loading(engine)
+
+    total = int(sc["steps"])
+    step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            with open(os.path.join(d, CKPT_META)) as f:
+                meta = json.load(f)
+            if meta["stage"] != stage:
+                raise RuntimeError(f"checkpoint {ckpt.path} is of stage {meta['stage']!r}, not {stage!r}")
+            if meta["world_size"] == world:
+                engine.load_checkpoint(d, tag=meta["tag"])
+            elif int(cfg["zero_stage"]) < 3:
+                log.warning("resuming a %d-worker checkpoint on %d workers: model weights only, optimiser reset",
+                            meta["world_size"], world)
+                engine.load_checkpoint(d, tag=meta["tag"], load_module_only=True, load_optimizer_states=False,
+                                       load_lr_scheduler_states=False)
+            else:
+                raise RuntimeError(f"checkpoint has ZeRO-3 partitions of {meta['world_size']} workers; resume with "
+                                   f"num_workers={meta['world_size']} (running {world})")
+            step = int(meta["step"])
+            engine.global_steps = step
+            if engine.lr_scheduler is not None and meta["world_size"] != world:
+                engine.lr_scheduler.last_batch_iteration = step - 1
+
+    shard = ray.train.get_dataset_shard("train")
+    micro = ds_cfg["train_micro_batch_size_per_gpu"]
+    buffer = int(cfg.get("shuffle_buffer") or 0) or 8 * micro
+    first_stage = config["first_stage"]
+    loss_sum, loss_n, t_last, step_last, epoch = 0.0, 0, time.perf_counter(), step, 0
+    while step < total:
+        got = 0
+        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer,
+                                              local_shuffle_seed=int(cfg["seed"]) * 7919 + epoch * 31 + rank):
+            got += 1
+            inputs = method.prepare(stage, batch, device)
+            loss = engine(**inputs)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step += 1
+            _fault(cfg, stage, step, rank, first_stage)
+            last = step >= total
+            do_ckpt = last or step % int(cfg["checkpoint_every"]) == 0
+            if do_ckpt or step % int(cfg["log_every"]) == 0:
+                stats = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64)
+                if torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(stats)
+                now = time.perf_counter()
+                metrics = {"stage": stage, "step": step, "epoch": epoch, "loss": float(stats[0] / max(stats[1], 1)),
+                           "lr": float(engine.get_lr()[0]),
+                           "samples_per_s": (step - step_last) * ds_cfg["train_batch_size"] / max(now - t_last, 1e-9),
+                           "world_size": world}
+                loss_sum, loss_n, t_last, step_last = 0.0, 0, now, step
+                if do_ckpt:
+                    _report_with_checkpoint(engine, method, model_key, metrics, stage, step, world, cfg, rank, last)
+                else:
+                    ray.train.report(metrics)
+            if last:
+                break
+        if got == 0:
+            raise RuntimeError(f"stage {stage}: worker {rank} got no full batch of {micro} rows from its shard "
+                               "(too few rows for the batch size and number of workers)")
+        epoch += 1
+
+
+def _report_with_checkpoint(engine, method, model_key, metrics, stage, step, world, cfg, rank, last):
+    import ray.train
+
+    tag = f"step{step:08d}"
+    with tempfile.TemporaryDirectory(prefix="rw-ckpt-") as d:
+        engine.save_checkpoint(d, tag=tag)
+        if last:
+            sd = gather_fp32_state_dict(engine, method.model(model_key))
+            if rank == 0:
+                model = type(method.model(model_key)).from_config(method.model(model_key).config)
+                model.load_state_dict(sd)
+                model.save_pretrained(os.path.join(d, MODEL_DIR), safe_serialization=True)
+        if rank == 0:
+            with open(os.path.join(d, CKPT_META), "w") as f:
+                json.dump({"step": step, "stage": stage, "tag": tag, "world_size": world,
+                           "zero_stage": int(cfg["zero_stage"]), "method": method.name, "final": bool(last),
+                           "files": sorted(os.listdir(os.path.join(d, tag)))}, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint-{step:08d}")

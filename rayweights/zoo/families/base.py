@@ -1,0 +1,157 @@
+"""What every task family shares: tasks, the family protocol and registry, per-member
+hyper-parameters, the classifier training epoch and evaluation."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Task", "Family", "FAMILIES", "register_family", "get_family", "draw_hparams", "train_epoch",
+           "evaluate", "resolve_device", "Checkpoint", "freeze_batchnorm", "make_optimizer", "snapshot"]
+
+#: (step or epoch, state_dict, metrics) — what a family's train_member returns, oldest first
+Checkpoint = tuple[int, dict, dict]
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str            # storage-safe id, e.g. "digits-01234" or "grayscale__blur_1-p0"
+    condition: str          # what the generator is conditioned on: "digits:0,1,2,3,4" or a prompt
+    classes: tuple[int, ...] = ()
+    group: str = ""         # tasks of one group are held out together (a concept and its paraphrases)
+
+    @property
+    def holdout_key(self) -> str:
+        return self.group or self.condition
+
+
+class Family:
+    """A task family: enumerates tasks and trains one member of one task.
+
+    Subclasses set ``name`` and ``arch_kind`` (the architecture kind it trains, see
+    ``architectures.ARCH_KINDS``) and implement the methods below.  ``spec`` is a ZooSpec.
+    """
+
+    name: str = ""
+    arch_kind: str = "classifier"
+
+    def check(self, spec) -> None:
+        """Validate what needs the data or files (paths, sizes); raise ValueError('field: why')."""
+
+    def enumerate_tasks(self, spec) -> list[Task]:
+        raise NotImplementedError
+
+    def task_from_condition(self, spec, condition: str) -> Task:
+        raise NotImplementedError
+
+    def template_state_dict(self, spec) -> dict:
+        """A state_dict with the member architecture's names/shapes (builds the zoo layout)."""
+        raise NotImplementedError
+
+    def default_select(self, spec):
+        return None
+
+    def needs_prepare(self, spec) -> bool:
+        return False
+
+    def prepare(self, spec, device: str = "cpu") -> dict:
+        """Shared work done once per build before any member (base models, features); returns a
+        small JSON-able summary.  Idempotent: reuses what an earlier build cached in the zoo."""
+        return {}
+
+    def train_member(self, spec, task: Task, seed: int, hparams: dict, select_names: list[str] | None,
+                     device: str = "cpu") -> list[Checkpoint]:
+        raise NotImplementedError
+
+    #: the metric summarised per member in the build results (higher or lower is better)
+    score_metric: str = "val_acc"
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"family: unknown {name!r} (available: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[name]
+
+
+def resolve_device(spec) -> str:
+    """``device: auto`` -> ``cuda`` when the member was given GPU share and one is visible."""
+    if spec.device != "auto":
+        return spec.device
+    return "cuda" if spec.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def draw_hparams(ranges, seed: int) -> dict:
+    """Per-member hyper-parameters drawn deterministically from the spec's ranges (diverse zoo):
+    learning rate and weight decay log-uniform, epochs uniform."""
+    rng = random.Random(seed)
+    lo, hi = ranges.lr
+    lr = math.exp(rng.uniform(math.log(lo), math.log(hi))) if hi > lo else lo
+    wlo, whi = ranges.weight_decay
+    wd = math.exp(rng.uniform(math.log(wlo), math.log(whi))) if whi > wlo > 0 else wlo
+    elo, ehi = ranges.epochs
+    return {"lr": lr, "weight_decay": wd, "epochs": rng.randint(elo, ehi)}
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm on its stored running statistics (they are not part of a partial layout)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, X, y, batch_size: int, g: torch.Generator,
+                on_step=None, freeze_norm_stats: bool = False) -> int:
+    """One epoch of minibatch cross-entropy training; ``on_step()`` after each step. Returns steps.
+
+    ``freeze_norm_stats`` keeps every BatchNorm on its stored running statistics (partial zoos:
+    only the selected parameters may change, so a member is exactly base + its table rows)."""
+    model.train()
+    if freeze_norm_stats:
+        freeze_batchnorm(model)
+    perm = torch.randperm(len(y), generator=g).to(y.device)
+    steps = 0
+    for i in range(0, len(y), batch_size):
+        idx = perm[i:i + batch_size]
+        if len(idx) < 2:        # BatchNorm needs two examples
+            continue
+        loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+        if on_step is not None:
+            on_step()
+    return steps
+
+
+def evaluate(model: nn.Module, X, y, batch_size: int = 4096) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(X[i:i + batch_size]) for i in range(0, len(y), batch_size)])
+        loss = nn.functional.cross_entropy(logits, y).item()
+        acc = (logits.argmax(1) == y).float().mean().item()
+    return {"acc": acc, "loss": loss}
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float, betas=(0.9, 0.999)):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

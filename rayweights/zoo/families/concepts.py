@@ -1,0 +1,311 @@
+"""``concepts`` (Denoised Neural Weights): one task per text concept of image-to-image translation.
+
+A base generator (``e2gan_lora``: ResNet blocks + a transformer block, E2GAN-like) is trained
+once per zoo to reproduce its input (L1) and cached in the zoo (``<zoo>/base/generator/``:
+``config.json`` + ``diffusion_pytorch_model.safetensors``).  Each member starts from it with
+fresh LoRA adapters (its own seed) and trains only the selected parameters — the LoRA down/up
+weights and the BN affine parameters (BN statistics frozen) — with eq. 4 of the paper:
+
+    min_G max_D  lambda * E[|y - G(x, z)|_1] + E[log D(x, y)] + E[log(1 - D(x, G(x, z)))]
+
+alternating discriminator and generator steps (Adam, beta1 = 0.5 as in pix2pix), against a fresh
+conditional PatchGAN per member.  Pairs (x, y) come from the editor (``concepts.editor``):
+``procedural`` applies the concept's real image operations to images made in code;
+``diffusers:<path>`` edits them with an InstructPix2Pix / SD img2img pipeline, its pairs cached in
+the zoo (``<zoo>/pairs/<task_id>.safetensors``) so members and resumed builds share them.
+
+Per kept epoch a member records val/train L1 (in [0, 1] pixel units), val PSNR, and two
+references on the same validation pairs: the base generator's L1 and the identity's L1 (|x - y|).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import zlib
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from .. import architectures
+from .. import editor as E
+from .base import Family, Task, freeze_batchnorm, make_optimizer, register_family, snapshot
+
+__all__ = ["Concepts", "base_generator_state", "load_base_generator", "task_pairs", "BASE_DIR"]
+
+BASE_DIR = "base/generator"
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "prompt"
+    return f"{s}-{zlib.crc32(text.encode()):08x}"
+
+
+def _in_shape(spec) -> tuple[int, int, int]:
+    return (3, spec.concepts.image_size, spec.concepts.image_size)
+
+
+class Concepts(Family):
+    name = "concepts"
+    arch_kind = "image2image"
+    score_metric = "val_l1"
+
+    def default_select(self, spec):
+        return list(architectures.CONCEPT_SELECT)
+
+    def check(self, spec) -> None:
+        co = spec.concepts
+        if co.editor != "procedural":
+            if not co.editor.startswith("diffusers:"):
+                raise ValueError(f"concepts.editor: {co.editor!r} is not 'procedural' or 'diffusers:<path>'")
+            path = co.editor.split(":", 1)[1]
+            if not os.path.isfile(os.path.join(path, "model_index.json")):
+                raise ValueError(f"concepts.editor: {path} is not a diffusers pipeline folder (no model_index.json)")
+            if not spec.tasks:
+                raise ValueError("tasks: a diffusers editor needs an explicit list of prompts")
+
+    def enumerate_tasks(self, spec) -> list[Task]:
+        co = spec.concepts
+        if co.editor != "procedural":
+            raise ValueError("tasks: a diffusers editor needs an explicit list of prompts")
+        out = []
+        for c in E.all_concepts():
+            if len(c.ops) > co.max_ops:
+                continue
+            for i in range(min(co.paraphrases, len(c.prompts))):
+                out.append(Task(f"{c.key}-p{i}", c.prompts[i], (), c.key))
+        return out
+
+    def task_from_condition(self, spec, condition: str) -> Task:
+        if spec.concepts.editor != "procedural":
+            return Task(_slug(condition), condition, (), _slug(condition))
+        try:
+            c, i = E.concept_from_prompt(condition)
+        except E.EditorError as exc:
+            raise ValueError(f"tasks: {exc}") from None
+        return Task(f"{c.key}-p{i}", c.prompts[i], (), c.key)
+
+    def template_state_dict(self, spec) -> dict:
+        return architectures.build(spec.architecture, _in_shape(spec), 3, **spec.arch_options).state_dict()
+
+    def needs_prepare(self, spec) -> bool:
+        return True
+
+    def prepare(self, spec, device: str = "cpu") -> dict:
+        base_generator_state(spec, device=device, store=True)
+        return {"base": BASE_DIR}
+
+    def train_member(self, spec, task, seed, hparams, select_names=None, device="cpu"):
+        return train_concept_member(spec, task, seed, hparams, select_names, device)
+
+
+# --------------------------------------------------------------------------- data
+@lru_cache(maxsize=2)
+def _sources(n: int, size: int, seed: int) -> torch.Tensor:
+    return E.make_images(n, size, seed)
+
+
+_EDITORS: dict = {}
+
+
+def _editor(spec, device: str):
+    key = (spec.concepts.editor, json.dumps(spec.concepts.editor_options, sort_keys=True), device)
+    if key not in _EDITORS:
+        _EDITORS[key] = E.make_editor(spec.concepts.editor, spec.concepts.editor_options, device)
+    return _EDITORS[key]
+
+
+def task_pairs(spec, task: Task, device: str = "cpu"):
+    """((x_train, y_train), (x_val, y_val)) in [0, 1]: the task's source images and their edits."""
+    co = spec.concepts
+    src = _sources(co.num_images, co.image_size, co.image_seed)
+    if co.editor == "procedural":
+        tgt = E.concept_by_key(task.group).apply(src) if task.group else _editor(spec, device).edit(src, task.condition)
+    else:
+        tgt = _cached_edit(spec, task, src, device)
+    g = torch.Generator().manual_seed(10_000 + co.image_seed)
+    perm = torch.randperm(len(src), generator=g)
+    n_val = max(1, int(len(src) * spec.val_fraction))
+    tr, va = perm[n_val:], perm[:n_val]
+    return (src[tr], tgt[tr]), (src[va], tgt[va])
+
+
+def _cached_edit(spec, task: Task, src: torch.Tensor, device: str) -> torch.Tensor:
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from ...storage import exists, join, read_bytes, resolve, write_bytes_atomic
+
+    loc = resolve(join(spec.output, "pairs", f"{task.task_id}.safetensors"))
+    meta = json.dumps({"editor": spec.concepts.editor, "options": spec.concepts.editor_options,
+                       "prompt": task.condition, "n": len(src), "size": src.shape[-1],
+                       "image_seed": spec.concepts.image_seed}, sort_keys=True)
+    if exists(loc):
+        raw = read_bytes(loc)
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
+        if header.get("config") == meta:
+            return st_load(raw)["target"]
+    tgt = _editor(spec, device).edit(src, task.condition, seed=zlib.crc32(task.condition.encode()))
+    write_bytes_atomic(loc, st_save({"target": tgt.contiguous()}, metadata={"config": meta}))
+    return tgt
+
+
+# --------------------------------------------------------------------------- base generator
+_BASE: dict = {}
+
+
+def _base_config(spec) -> dict:
+    co = spec.concepts
+    return {"architecture": spec.architecture, "arch_options": spec.arch_options, "image_size": co.image_size,
+            "base_images": co.base_images, "base_lr": co.base_lr, "base_epochs": spec.base_epochs,
+            "batch_size": spec.batch_size, "image_seed": co.image_seed}
+
+
+def base_generator_state(spec, device: str = "cpu", store: bool = False) -> dict:
+    """The zoo's base generator weights: from ``<zoo>/base/generator/`` when it holds one trained with
+    this configuration, else trained here (identity L1 on procedural images) and, with ``store``, cached."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from ...storage import exists, join, read_bytes, resolve, write_bytes_atomic
+
+    cfg = _base_config(spec)
+    key = (spec.output, json.dumps(cfg, sort_keys=True))
+    if key in _BASE:
+        return _BASE[key]
+    root = join(spec.output, BASE_DIR) if spec.output else None
+    if root is not None and exists(resolve(join(root, "config.json"))):
+        saved = json.loads(read_bytes(resolve(join(root, "config.json"))))
+        if saved.get("training") == cfg:
+            _BASE[key] = st_load(read_bytes(resolve(join(root, "diffusion_pytorch_model.safetensors"))))
+            return _BASE[key]
+        if store:
+            raise ValueError(f"output: {root} holds a base generator trained with another configuration "
+                             f"({saved.get('training')}); use another output URI")
+    co = spec.concepts
+    seed = co.image_seed + 7
+    torch.manual_seed(seed)
+    G = architectures.build(spec.architecture, _in_shape(spec), 3, **spec.arch_options).to(device)
+    params = [p for n, p in G.named_parameters() if ".lora_" not in f".{n}"]   # adapters stay at init
+    for n, p in G.named_parameters():
+        p.requires_grad_(".lora_" not in f".{n}")
+    opt = torch.optim.Adam(params, lr=co.base_lr, betas=(0.5, 0.999))
+    X = (E.make_images(co.base_images, co.image_size, seed=co.image_seed + 1) * 2 - 1).to(device)
+    g = torch.Generator().manual_seed(seed)
+    G.train()
+    for _ in range(spec.base_epochs):
+        perm = torch.randperm(len(X), generator=g)
+        for i in range(0, len(X), spec.batch_size):
+            x = X[perm[i:i + spec.batch_size]]
+            if len(x) < 2:
+                continue
+            z = torch.randn(len(x), G.noise_channels, *x.shape[2:], generator=g).to(device)
+            loss = (G(x, z) - x).abs().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    sd = snapshot(G)
+    if store and root is not None:
+        write_bytes_atomic(resolve(join(root, "diffusion_pytorch_model.safetensors")),
+                           st_save({k: v.contiguous() for k, v in sd.items()}))
+        write_bytes_atomic(resolve(join(root, "config.json")), json.dumps(
+            {"_class_name": "ConceptGenerator", **G.config, "training": cfg,
+             "final_l1": float(loss.detach()) / 2}, indent=1).encode())
+    _BASE[key] = sd
+    return sd
+
+
+def load_base_generator(spec, device: str = "cpu") -> nn.Module:
+    """The base generator module (LoRA adapters at their zero-effect init) in eval mode."""
+    G = architectures.build(spec.architecture, _in_shape(spec), 3, **spec.arch_options)
+    G.load_state_dict(base_generator_state(spec, device))
+    return G.to(device).eval()
+
+
+# --------------------------------------------------------------------------- member training
+@torch.no_grad()
+def _l1(G, x, y, seed: int = 0) -> float:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(x), G.noise_channels, *x.shape[2:], generator=g).to(x.device)
+    return float(((G(x, z) - y).abs().mean()) / 2)       # [-1, 1] -> [0, 1] pixel units
+
+
+def train_concept_member(spec, task: Task, seed: int, hparams: dict, select_names=None, device: str = "cpu"):
+    co = spec.concepts
+    base = base_generator_state(spec, device)
+    (xtr, ytr), (xva, yva) = task_pairs(spec, task, device)
+    xtr, ytr, xva, yva = ((t * 2 - 1).to(device) for t in (xtr, ytr, xva, yva))
+    torch.manual_seed(seed)
+    G = architectures.build(spec.architecture, _in_shape(spec), 3, **spec.arch_options)
+    # base weights, but this member's own (seeded) LoRA init: down random, up zero
+    G.load_state_dict({k: v for k, v in base.items() if ".lora_" not in f".{k}"}, strict=False)
+    G.to(device)
+    names = set(select_names) if select_names is not None else set(n for n, _ in G.named_parameters())
+    for n, p in G.named_parameters():
+        p.requires_grad_(n in names)
+    params = [p for p in G.parameters() if p.requires_grad]
+    Dn = architectures.build("patchgan", (6, co.image_size, co.image_size), 1, **co.discriminator).to(device)
+    optG = make_optimizer(spec.optimizer, params, hparams["lr"], hparams["weight_decay"], betas=(0.5, 0.999))
+    optD = torch.optim.Adam(Dn.parameters(), lr=hparams["lr"], betas=(0.5, 0.999))
+    bce = nn.BCEWithLogitsLoss()
+    g = torch.Generator().manual_seed(seed)
+    G.eval()
+    base_l1 = _l1(G, xva, yva)
+    identity_l1 = float((xva - yva).abs().mean() / 2)
+    kept = []
+    epochs = hparams["epochs"]
+    for epoch in range(1, epochs + 1):
+        G.train()
+        freeze_batchnorm(G)          # BN statistics stay the base's: a member is base + its table rows
+        Dn.train()
+        perm = torch.randperm(len(xtr), generator=g)
+        sums = {"g_gan": 0.0, "d_loss": 0.0, "l1": 0.0}
+        steps = 0
+        for i in range(0, len(xtr), spec.batch_size):
+            idx = perm[i:i + spec.batch_size]
+            if len(idx) < 2:
+                continue
+            x, y = xtr[idx], ytr[idx]
+            z = torch.randn(len(x), G.noise_channels, *x.shape[2:], generator=g).to(device)
+            fake = G(x, z)
+            d_real, d_fake = Dn(x, y), Dn(x, fake.detach())
+            loss_d = 0.5 * (bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake)))
+            optD.zero_grad()
+            loss_d.backward()
+            optD.step()
+            d_fake = Dn(x, fake)
+            g_gan = bce(d_fake, torch.ones_like(d_fake))
+            l1 = (fake - y).abs().mean()
+            loss_g = co.lambda_l1 * l1 + g_gan
+            optG.zero_grad()
+            loss_g.backward()
+            optG.step()
+            sums["g_gan"] += g_gan.item()
+            sums["d_loss"] += loss_d.item()
+            sums["l1"] += l1.item() / 2
+            steps += 1
+        if epoch > epochs - spec.keep_last:
+            G.eval()
+            val = _l1(G, xva, yva)
+            m = {"train_l1": _l1(G, xtr, ytr), "val_l1": val,
+                 "val_psnr": _psnr(G, xva, yva),
+                 "base_val_l1": base_l1, "identity_val_l1": identity_l1,
+                 **{k: v / max(steps, 1) for k, v in sums.items() if k != "l1"}}
+            if not all(math.isfinite(v) for v in m.values()):
+                raise FloatingPointError(f"non-finite metrics {m} (lr {hparams['lr']:.3g} too high?)")
+            kept.append((epoch, snapshot(G), m))
+    return kept
+
+
+@torch.no_grad()
+def _psnr(G, x, y, seed: int = 0) -> float:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(x), G.noise_channels, *x.shape[2:], generator=g).to(x.device)
+    mse = float((((G(x, z) - y) / 2) ** 2).mean())
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+register_family(Concepts())

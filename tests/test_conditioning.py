@@ -1,0 +1,158 @@
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from rayweights.conditioning import (BlockIndexEmbedding, ConditionCache, ConditioningError, SetTransformer,
+                                     TextEncoder, clip_contrastive_loss, dataset_features, default_text_encoder_path,
+                                     sinusoidal_encoding)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- eq. 2
+def test_sinusoidal_encoding_is_eq2():
+    n, d = torch.tensor([0, 3, 853]), 9
+    enc = sinusoidal_encoding(n, d)
+    assert enc.shape == (3, 9)
+    for row, idx in zip(enc, n.tolist()):
+        for i in range((d - 1) // 2 + 1):
+            assert row[2 * i].item() == pytest.approx(math.sin(idx / 10000 ** (2 * i / d)), abs=1e-5)
+            if 2 * i + 1 < d:
+                assert row[2 * i + 1].item() == pytest.approx(math.cos(idx / 10000 ** (2 * i / d)), abs=1e-5)
+
+
+def test_block_index_embedding_distinguishes_blocks():
+    torch.manual_seed(0)
+    emb = BlockIndexEmbedding(32, 16)
+    e = emb(torch.arange(10))
+    assert e.shape == (10, 16)
+    assert torch.cdist(e, e).add(torch.eye(10) * 1e9).min() > 1e-4
+
+
+# ----------------------------------------------------------------------------- text encoders
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny randomly initialised CLIP text model saved to disk, loaded *by path* like a hub model."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    d = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=16)
+    CLIPTextModel(cfg).save_pretrained(d)
+    src = default_text_encoder_path()   # any tokenizer files will do for a random model
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(src, f), d / f)
+    return str(d)
+
+
+def test_clip_text_encoder_by_path_mean_pooling_and_cache(tiny_clip_dir):
+    enc = TextEncoder(tiny_clip_dir)
+    out = enc.encode(["a watercolor painting", "a pencil sketch", "a watercolor painting"])
+    assert type(enc._model).__name__ == "CLIPTextModel"
+    assert enc.dim == 32 and out.shape == (3, 32)
+    assert torch.equal(out[0], out[2]) and not torch.allclose(out[0], out[1])
+    assert len(enc.cache) == 2
+    # mean pooling over the attention mask, computed by hand
+    tok = enc._tokenizer(["a pencil sketch"], return_tensors="pt")
+    with torch.no_grad():
+        h = enc._model(**tok).last_hidden_state[0]
+    assert torch.allclose(out[1], h.mean(0), atol=1e-5)
+    calls = []
+    enc._encode_uncached = lambda p: calls.append(p)   # cached: the model is not called again
+    enc.encode(["a pencil sketch"])
+    assert calls == []
+
+
+def test_default_minilm_encoder_offline():
+    enc = TextEncoder()
+    e = enc.encode(["digits:0,1,2", "digits:3,4,5"])
+    assert e.shape == (2, 384) and torch.isfinite(e).all()
+    assert not torch.allclose(e[0], e[1])
+
+
+def test_text_encoder_bad_path_names_it(tmp_path):
+    with pytest.raises(ConditioningError, match="no-such-model"):
+        TextEncoder(str(tmp_path / "no-such-model")).encode(["x"])
+
+
+def test_condition_cache_roundtrip(tmp_path):
+    c = ConditionCache(["a", "b"], torch.randn(2, 5), "text", "enc")
+    c.save(str(tmp_path / "c.safetensors"))
+    d = ConditionCache.load(str(tmp_path / "c.safetensors"))
+    assert d.conditions == ["a", "b"] and d.kind == "text" and d.encoder == "enc"
+    assert torch.equal(d.lookup(["b", "a"]), c.embeddings[[1, 0]])
+    d.extend(["c", "a"], torch.ones(2, 5))
+    assert d.conditions == ["a", "b", "c"] and torch.equal(d.lookup(["c"])[0], torch.ones(5))
+    with pytest.raises(ConditioningError, match="'zzz' is not in the cache"):
+        d.ids(["zzz"])
+    with pytest.raises(ConditioningError, match="does not match"):
+        ConditionCache(["a"], torch.zeros(2, 3), "text")
+
+
+# ----------------------------------------------------------------------------- datasets
+def test_dataset_features_digits_and_files(tmp_path):
+    f = dataset_features("digits:0,1,2", samples_per_class=7, seed=3)
+    assert f.shape == (3, 7, 64)
+    assert torch.equal(f, dataset_features("digits:0,1,2", 7, 3))
+    assert not torch.equal(f, dataset_features("digits:0,1,2", 7, 4))
+    from safetensors.torch import save_file
+
+    save_file({"features": torch.randn(4, 12, 10)}, str(tmp_path / "f.safetensors"))
+    assert dataset_features(f"features:{tmp_path / 'f.safetensors'}", 5).shape == (4, 5, 10)
+    with pytest.raises(ConditioningError, match="no dataset resolver for 'cifar'"):
+        dataset_features("cifar:0,1")
+    with pytest.raises(ConditioningError, match="classes 0-9"):
+        dataset_features("digits:0,12")
+
+
+def test_set_transformer_is_permutation_invariant():
+    torch.manual_seed(0)
+    st = SetTransformer(in_dim=64, hidden_dim=32, out_dim=16, num_heads=2, num_inds=4).eval()
+    x = dataset_features("digits:1,4,7", 6)
+    with torch.no_grad():
+        a = st(x)
+        b = st(x[[2, 0, 1]][:, torch.randperm(6)])      # shuffle classes and samples within classes
+    assert a.shape == (1, 16)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_contrastive_loss_prefers_true_pairs_and_handles_shared_datasets():
+    torch.manual_seed(0)
+    zd = torch.randn(3, 8)
+    ids = torch.tensor([0, 0, 1, 2])
+    zw = zd[ids] + 0.01 * torch.randn(4, 8)
+    scale = torch.tensor(math.log(10.0))
+    good = clip_contrastive_loss(zw, zd, ids, scale)
+    bad = clip_contrastive_loss(zw, zd, torch.tensor([1, 2, 0, 0]), scale)
+    assert good < bad
+
+
+def test_set_transformer_contrastive_pretraining_aligns_datasets_with_weights():
+    """D2NWG eq. 2: after pretraining, each dataset embedding retrieves its own weight latents."""
+    torch.manual_seed(0)
+    conds = ["digits:0,1,2", "digits:3,4,5", "digits:6,7,8", "digits:0,5,9", "digits:2,4,8"]
+    feats = torch.stack([dataset_features(c, 8) for c in conds])
+    latents = torch.randn(len(conds), 2, 4, 8)            # two weight latents per dataset, [zc, zl] = [4, 8]
+    st = SetTransformer(in_dim=64, hidden_dim=32, out_dim=16, num_heads=2, num_inds=4, weight_dim=32)
+    opt = torch.optim.AdamW(st.parameters(), lr=3e-3)
+    ids = torch.arange(len(conds)).repeat_interleave(2)
+    for _ in range(120):
+        loss = clip_contrastive_loss(st.embed_weights(latents.view(-1, 4, 8)), st(feats), ids, st.logit_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        sim = torch.nn.functional.normalize(st(feats), dim=-1) @ \
+            torch.nn.functional.normalize(st.embed_weights(latents.view(-1, 4, 8)), dim=-1).t()
+    assert (sim.argmax(0) == ids).all(), sim
+    assert loss.item() < 0.5

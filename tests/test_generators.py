@@ -1,0 +1,273 @@
+"""Generator models and methods, in one process (no Ray): each method overfits a tiny table, every
+model class round-trips through save_pretrained/from_pretrained, exports load back identical, and
+bad input is refused with an error that names what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from rayweights.blocks import WeightLayout
+from rayweights.conditioning import ConditionCache, SetTransformer
+from rayweights.generators import (D2NWG, BlockUNet1D, DenoisedWeights, GeneratorError, LatentDenoiser1D, PDiff,
+                                   PDiffAutoencoder, WeightVAE, build_method, count_parameters, get_preset,
+                                   list_presets, load_generator, one_step_recover, sampler_loader)
+from rayweights.generators.presets import UnknownPresetError
+from rayweights.table import open_zoo
+from tests.genkit import CONDITIONS, mlp_state_dict, tiny_table
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return open_zoo(tiny_table(str(tmp_path_factory.mktemp("gen") / "zoo"), members=3, checkpoints=2))
+
+
+@pytest.fixture(scope="module")
+def layout(zoo):
+    return zoo.layout.fit_stats(zoo.blocks())
+
+
+def _fake_cache(conditions=CONDITIONS, dim=12):
+    """Well-separated condition embeddings (no text encoder needed in unit tests)."""
+    emb = torch.eye(len(conditions), dim) * 3.0
+    return ConditionCache(list(conditions), emb, "text", "test")
+
+
+def _block_batch(zoo, names):
+    members = zoo.members.to_pylist()
+    blocks, conds = [], []
+    for m in members:
+        b = zoo.blocks([m["member_id"]])                     # [checkpoints, nb, bs]
+        blocks.append(b)
+        conds += [names.index(m["condition"])] * b.shape[0]
+    w = torch.cat(blocks)
+    return w, torch.tensor(conds)
+
+
+def _train(method, stage, make_batch, steps, lr=3e-3):
+    module = method.trainer_module(stage)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        loss = module(**method.prepare(stage, make_batch(), "cpu"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+# ----------------------------------------------------------------------------- math
+def test_one_step_recover_inverts_forward_noising():
+    x0, eps = torch.randn(4, 16), torch.randn(4, 16)
+    a = 0.37
+    x_t = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+    assert torch.allclose(one_step_recover(x_t, eps, a), x0, atol=1e-5)
+    v = a ** 0.5 * eps - (1 - a) ** 0.5 * x0                     # diffusers' get_velocity
+    assert torch.allclose(one_step_recover(x_t, v, a, "v_prediction"), x0, atol=1e-5)
+    with pytest.raises(GeneratorError, match="prediction_type"):
+        one_step_recover(x_t, v, a, "flow")
+
+
+# ----------------------------------------------------------------------------- presets
+def test_presets_cover_every_method_and_unknown_is_named():
+    for m in ("denoised_weights", "pdiff", "d2nwg"):
+        assert {"tiny", "small", "base", "large", "xl"} <= set(list_presets(m))
+    with pytest.raises(UnknownPresetError, match="huge"):
+        get_preset("pdiff", "huge")
+    with pytest.raises(UnknownPresetError, match="nope"):
+        get_preset("nope", "tiny")
+
+
+def test_base_preset_is_about_100m_parameters():
+    cfg = get_preset("denoised_weights", "base")["denoiser"]
+    n = count_parameters(BlockUNet1D(**cfg, block_size=256, cross_attention_dim=384))
+    assert 80e6 < n < 140e6
+
+
+# ----------------------------------------------------------------------------- model round trips
+MODELS = [
+    (BlockUNet1D, dict(get_preset("denoised_weights", "tiny")["denoiser"], block_size=16, cross_attention_dim=12),
+     lambda: (torch.randn(5, 16), torch.randint(0, 1000, (5,)), torch.randint(0, 4, (5,)), torch.randn(5, 12))),
+    (PDiffAutoencoder, dict(get_preset("pdiff", "tiny")["autoencoder"], in_dim=96), lambda: (torch.randn(3, 96),)),
+    (LatentDenoiser1D, dict(get_preset("pdiff", "tiny")["denoiser"], latent_channels=4, latent_length=8, cond_dim=0),
+     lambda: (torch.randn(3, 4, 8), torch.randint(0, 1000, (3,)))),
+    (WeightVAE, dict(get_preset("d2nwg", "tiny")["vae"], in_dim=96), lambda: (torch.randn(3, 96),)),
+    (SetTransformer, dict(get_preset("d2nwg", "tiny")["dataset_encoder"], in_dim=20, weight_dim=32),
+     lambda: (torch.randn(2, 3, 5, 20),)),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,inputs", MODELS, ids=[m[0].__name__ for m in MODELS])
+def test_model_save_load_round_trip(tmp_path, cls, kwargs, inputs):
+    torch.manual_seed(0)
+    model = cls(**kwargs).eval()
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    assert os.path.exists(tmp_path / "config.json")
+    assert any(f.endswith(".safetensors") for f in os.listdir(tmp_path))
+    again = cls.from_pretrained(str(tmp_path)).eval()
+    for k, v in kwargs.items():
+        got = again.config[k]
+        assert (list(got) if isinstance(got, tuple) else got) == (list(v) if isinstance(v, tuple) else v), k
+    x = inputs()
+    with torch.no_grad():
+        a = model(*x) if cls is not WeightVAE else model.encode(*x)[0]
+        b = again(*x) if cls is not WeightVAE else again.encode(*x)[0]
+    a = a[0] if isinstance(a, tuple) else a
+    b = b[0] if isinstance(b, tuple) else b
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- methods overfit
+def test_denoised_weights_overfits_and_samples_condition_specific_weights(zoo, layout):
+    """v-prediction (the tiny configs' choice, see bench/bench_prediction_type.py): the loss falls
+    below 0.8 within 400 steps and one-step samples near the noise side are condition-specific."""
+    names = list(CONDITIONS)
+    method = build_method("denoised_weights", layout, "tiny", conditions=_fake_cache(names),
+                          scheduler={"prediction_type": "v_prediction"})
+    w, cond = _block_batch(zoo, names)
+    nb = layout.num_blocks
+    blocks = w.reshape(-1, layout.block_size)
+    bidx = torch.arange(nb).repeat(w.shape[0])
+    cid = cond.repeat_interleave(nb)
+
+    def batch():
+        return {"block": blocks, "block_index": bidx, "cond_id": cid}
+
+    losses = _train(method, "diffusion", batch, 400, lr=3e-3)
+    assert _mean(losses[-40:]) < 0.8 and _mean(losses[-40:]) < 0.85 * _mean(losses[:20]), (losses[:5], losses[-5:])
+    # one-step recovery at t=800: samples lie nearer their own condition's mean weights (chance 1/3)
+    x = method.sample(names, num_samples=4, mode="one_step", t=800, seed=0)
+    assert x.shape == (12, nb, layout.block_size)
+    samples = layout.denormalize(x).reshape(12, -1)
+    target = torch.stack([w[cond == i].mean(0) for i in range(len(names))]).reshape(3, -1)
+    nearest = torch.cdist(samples, target).argmin(1)
+    assert int((nearest == torch.arange(3).repeat_interleave(4)).sum()) >= 8, nearest
+    # DDIM also runs and is deterministic per seed
+    a = method.sample(names[:1], 1, mode="ddim", steps=5, seed=3)
+    b = method.sample(names[:1], 1, mode="ddim", steps=5, seed=3)
+    assert torch.equal(a, b)
+
+
+def test_pdiff_autoencoder_and_latent_diffusion_learn(zoo, layout):
+    method = build_method("pdiff", layout, "tiny")
+    w, _ = _block_batch(zoo, list(CONDITIONS))
+    flat = w.reshape(w.shape[0], -1)
+
+    def batch():
+        return {"weights": flat, "cond_id": torch.zeros(len(flat), dtype=torch.long)}
+
+    ae = _train(method, "autoencoder", batch, 300, lr=3e-3)
+    assert _mean(ae[-20:]) < 0.3 * _mean(ae[:10])
+    scale = method.fit_latent_scale(flat)
+    assert scale > 0
+    dif = _train(method, "diffusion", batch, 300, lr=3e-3)
+    assert _mean(dif[-30:]) < _mean(dif[:10])
+    x = method.sample(None, num_samples=4, mode="ddim", steps=10, seed=0)
+    assert x.shape == (4, layout.num_blocks, layout.block_size) and torch.isfinite(x).all()
+    # samples decode near the training weights (the zoo is three tight clusters)
+    samples = layout.denormalize(x).reshape(4, -1)
+    nn_dist = torch.cdist(samples, flat).min(1).values
+    spread = torch.cdist(flat, flat).max()
+    assert float(nn_dist.max()) < float(spread)
+
+
+def test_d2nwg_stages_learn_and_condition_on_datasets(zoo, layout):
+    names = list(CONDITIONS)
+    method = build_method("d2nwg", layout, "tiny", condition_names=names, dataset_options={"samples_per_class": 4})
+    bank = method.build_features_bank()
+    assert bank.shape[:3] == (3, 3, 4)                       # 3 datasets x 3 classes x 4 samples
+    w, cond = _block_batch(zoo, names)
+    flat = w.reshape(w.shape[0], -1)
+
+    def batch():
+        return {"weights": flat, "cond_id": cond}
+
+    vae = _train(method, "vae", batch, 300, lr=3e-3)
+    assert _mean(vae[-20:]) < 0.3 * _mean(vae[:10])
+    method.fit_latent_scale(flat)
+    enc = _train(method, "dataset_encoder", batch, 150, lr=1e-3)
+    assert _mean(enc[-10:]) < _mean(enc[:10])
+    cache = method.build_condition_cache()
+    assert cache.conditions == names and cache.embeddings.shape[0] == 3
+    dif = _train(method, "diffusion", batch, 200, lr=3e-3)
+    assert _mean(dif[-20:]) < _mean(dif[:10])
+    x = method.sample(names[:2], num_samples=2, mode="ddim", steps=10, seed=0)
+    assert x.shape == (4, layout.num_blocks, layout.block_size) and torch.isfinite(x).all()
+    # an unseen dataset is encoded on the fly with the frozen Set Transformer
+    y = method.sample(["digits:1,5,9"], num_samples=1, mode="ddim", steps=5, seed=0)
+    assert torch.isfinite(y).all() and "digits:1,5,9" in method.conditions
+
+
+# ----------------------------------------------------------------------------- export round trip
+@pytest.mark.parametrize("name", ["denoised_weights", "pdiff", "d2nwg"])
+def test_export_round_trip_samples_identically(tmp_path, layout, name):
+    kwargs = {"denoised_weights": dict(conditions=_fake_cache()), "pdiff": {},
+              "d2nwg": dict(condition_names=list(CONDITIONS), dataset_options={"samples_per_class": 3})}[name]
+    method = build_method(name, layout, "tiny", **kwargs)
+    if name == "d2nwg":
+        method.build_features_bank()
+        method.build_condition_cache()
+    if name != "denoised_weights":
+        method.latent_scale = 0.7
+    for key in method.model_class:
+        method.model(key)
+    method.save_pretrained(str(tmp_path / "export"))
+    meta = json.loads((tmp_path / "export" / "generator.json").read_text())
+    assert meta["method"] == name and meta["format_version"].startswith("rayweights.generator/")
+    again = load_generator(str(tmp_path / "export"))
+    assert type(again) is type(method) and again.layout.same_structure(layout)
+    conds = None if name == "pdiff" else CONDITIONS[:2]
+    a = method.sample(conds, 2, mode="ddim", steps=3, seed=1)
+    b = again.sample(conds, 2, mode="ddim", steps=3, seed=1)
+    assert torch.allclose(a, b, atol=1e-6)
+    # the evaluation stage finds it through the sampler loader
+    s = sampler_loader(str(tmp_path / "export"), method="ddim", steps=3, device="cpu")
+    assert s is not None and s.layout.same_structure(layout)
+    assert sampler_loader(str(tmp_path)) is None
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs_are_named(tmp_path, layout, zoo):
+    with pytest.raises(GeneratorError, match="unknown method"):
+        build_method("gan", layout)
+    raw = WeightLayout.from_state_dict(mlp_state_dict(0, 0, 0), rule=1, block_size=16)
+    with pytest.raises(GeneratorError, match="stats"):
+        build_method("pdiff", raw)
+    with pytest.raises(GeneratorError, match="model.*unknown"):
+        build_method("pdiff", layout, model_overrides={"unet": {}})
+    # a generator config whose block size disagrees with the table's
+    with pytest.raises(GeneratorError, match="block_size"):
+        build_method("denoised_weights", layout, model_overrides={"denoiser": {"block_size": 32}},
+                     conditions=_fake_cache())
+    m = build_method("pdiff", layout)
+    with pytest.raises(GeneratorError, match="weights"):
+        m.prepare("autoencoder", {"block": torch.zeros(2, 16)})
+    with pytest.raises(GeneratorError, match="length"):
+        m.prepare("autoencoder", {"weights": torch.zeros(2, 7)})
+    with pytest.raises(GeneratorError, match="latent_scale"):
+        m.sample(None, 1, mode="ddim", steps=2)
+    with pytest.raises(GeneratorError, match="stage"):
+        m.trainer_module("vae")
+    d = build_method("denoised_weights", layout, conditions=_fake_cache())
+    with pytest.raises(GeneratorError, match="mode"):
+        d.sample(CONDITIONS[:1], 1, mode="euler")
+    with pytest.raises(GeneratorError, match="t: "):
+        d.sample(CONDITIONS[:1], 1, mode="one_step", t=5000)
+    with pytest.raises(GeneratorError, match="condition is required"):
+        d.sample([None], 1)
+    with pytest.raises(GeneratorError, match="not a generator export"):
+        load_generator(str(tmp_path))
+    os.makedirs(tmp_path / "bad")
+    (tmp_path / "bad" / "generator.json").write_text(json.dumps({"format_version": "other/9", "method": "pdiff"}))
+    (tmp_path / "bad" / "layout.json").write_text(layout.to_json())
+    with pytest.raises(GeneratorError, match="format_version"):
+        load_generator(str(tmp_path / "bad"))

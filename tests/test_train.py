@@ -1,0 +1,142 @@
+"""Generator training on Ray Train V2 + DeepSpeed (CPU, gloo): config and preflight errors, a
+two-worker ZeRO-2 run that checkpoints and exports, a run that survives a killed worker, resume
+by run name, and the train-generator job's exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from rayweights.config import ConfigError, from_dict, load_config
+from rayweights.generators import load_generator
+from rayweights.train import GeneratorTrainConfig, TrainError, preflight, train_generator
+from tests.genkit import empty_table, tiny_table
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def zoo_uri(tmp_path_factory):
+    return tiny_table(str(tmp_path_factory.mktemp("train") / "zoo"), members=4, checkpoints=2)
+
+
+def _cfg(zoo, storage, **kw):
+    base = dict(method="pdiff", zoo=zoo, storage=str(storage), run_name="r", batch_size=8, lr=3e-3,
+                stages={"autoencoder": {"steps": 20}, "diffusion": {"steps": 10}}, num_workers=2,
+                cpus_per_worker=0.5, zero_stage=2, precision="fp32", checkpoint_every=10, log_every=5,
+                max_failures=0)
+    base.update(kw)
+    return from_dict(GeneratorTrainConfig, base)
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_is_strict_and_names_the_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("method: pdiff\nzoo: x\nbatch_sizee: 3\n")
+    with pytest.raises(ConfigError, match="batch_sizee"):
+        load_config(GeneratorTrainConfig, str(p), [])
+    p.write_text("method: pdiff\nzoo: x\nstages: {vae: {steps: 3}}\n")
+    with pytest.raises((ConfigError, ValueError), match="vae"):
+        load_config(GeneratorTrainConfig, str(p), [])
+    for bad, field in [(dict(method="gan"), "method"), (dict(preset="huge"), "preset"),
+                       (dict(zero_stage=4), "zero_stage"), (dict(precision="fp8"), "precision"),
+                       (dict(batch_size=9, num_workers=2), "batch_size"), (dict(run_name="a/b"), "run_name"),
+                       (dict(model={"unet": {}}), "model")]:
+        with pytest.raises(ValueError, match=field):
+            GeneratorTrainConfig(**{"method": "pdiff", "zoo": "x", **bad})
+    cfg = load_config(GeneratorTrainConfig, "jobs/configs/pdiff_tiny.yaml", ["stages.diffusion.steps=7", "lr=0.5"])
+    assert cfg.stages["diffusion"].steps == 7 and cfg.lr == 0.5
+    for f in ("denoised_weights_tiny", "d2nwg_tiny", "denoised_weights_cluster"):
+        load_config(GeneratorTrainConfig, f"jobs/configs/{f}.yaml", [])
+
+
+def test_preflight_refuses_bad_inputs_before_training(tmp_path, zoo_uri):
+    with pytest.raises(TrainError, match="zoo"):
+        preflight(_cfg(str(tmp_path / "nothing"), tmp_path))
+    with pytest.raises(TrainError, match="no members"):
+        preflight(_cfg(empty_table(str(tmp_path / "empty")), tmp_path))
+    uncond = tiny_table(str(tmp_path / "uncond"), with_conditions=False)
+    with pytest.raises(TrainError, match="no conditions"):
+        preflight(_cfg(uncond, tmp_path, method="denoised_weights", stages={}))
+    with pytest.raises(TrainError, match="batch_size"):
+        preflight(_cfg(zoo_uri, tmp_path, batch_size=64))
+    # a run name already trained on another layout is refused (block size 8 vs 16)
+    other = tiny_table(str(tmp_path / "other"), block_size=8)
+    os.makedirs(tmp_path / "r", exist_ok=True)
+    (tmp_path / "r" / "layout.json").write_text(preflight(_cfg(other, tmp_path / "o")).method.layout.to_json())
+    with pytest.raises(TrainError, match="different layout"):
+        preflight(_cfg(zoo_uri, tmp_path))
+
+
+# ----------------------------------------------------------------------------- training
+def _checkpoints(run, stage):
+    return sorted(d for d in os.listdir(os.path.join(run, stage)) if d.startswith("checkpoint-"))
+
+
+def test_zero2_two_workers_train_checkpoint_export_and_resume(ray_local, tmp_path, zoo_uri):
+    cfg = _cfg(zoo_uri, tmp_path, run_name="z2")
+    res = train_generator(cfg, show_progress=False)
+    run = str(tmp_path / "z2")
+    for stage, steps in (("autoencoder", 20), ("diffusion", 10)):
+        info = res.stages[stage]
+        assert info["steps"] == steps and not info["skipped"] and info["world_size"] == 2
+        assert info["checkpoints"] == [f"checkpoint-{s:08d}" for s in range(10, steps + 1, 10)]
+        ck = os.path.join(run, stage, info["checkpoints"][-1])
+        files = os.listdir(os.path.join(ck, f"step{steps:08d}"))
+        # both ranks' ZeRO-2 optimiser partitions landed in the one merged checkpoint
+        assert {f for f in files if "optim_states" in f} == {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                                                           for r in (0, 1)}
+        assert json.load(open(os.path.join(ck, "rayweights_checkpoint.json")))["world_size"] == 2
+    log = [json.loads(line) for line in open(os.path.join(run, "train_log.jsonl"))]
+    ae = [r["loss"] for r in log if r.get("stage") == "autoencoder" and "loss" in r]
+    assert len(ae) == 4 and ae[-1] < ae[0]
+    gen = load_generator(res.export_uri)
+    assert gen.latent_scale and gen.latent_scale > 0
+    x = gen.sample(None, 2, mode="ddim", steps=4, seed=0)
+    assert x.shape == (2, gen.layout.num_blocks, gen.layout.block_size) and torch.isfinite(x).all()
+    # same run name again: every stage is finished, nothing retrains, the export is rewritten identically
+    again = train_generator(cfg, show_progress=False)
+    assert all(s["skipped"] for s in again.stages.values())
+    y = load_generator(again.export_uri).sample(None, 2, mode="ddim", steps=4, seed=0)
+    assert torch.equal(x, y)
+
+
+def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_local, tmp_path, zoo_uri):
+    cfg = _cfg(zoo_uri, tmp_path, run_name="ft", only_stages=["autoencoder"], max_failures=1,
+               fault_injection={"step": 15, "rank": 1, "mode": "exit"})
+    with pytest.raises(TrainError, match="only_stages"):       # diffusion was not selected nor trained
+        train_generator(cfg, show_progress=False)
+    run = str(tmp_path / "ft")
+    assert os.path.exists(os.path.join(run, "autoencoder", "fault-injected-step15"))
+    assert _checkpoints(run, "autoencoder") == ["checkpoint-00000010", "checkpoint-00000020"]
+    assert os.path.exists(os.path.join(run, "stages", "autoencoder", "done.json"))
+    log = [json.loads(line) for line in open(os.path.join(run, "train_log.jsonl"))]
+    assert any(r.get("event") == "worker_failure" for r in log)
+    steps = [r["step"] for r in log if r.get("stage") == "autoencoder" and "step" in r]
+    assert steps.count(10) == 1 and steps[-1] == 20       # resumed after step 10, not from scratch
+    # without retries the same failure ends the run with an error naming the stage
+    bad = _cfg(zoo_uri, tmp_path, run_name="ft0", only_stages=["autoencoder"], max_failures=0,
+               fault_injection={"step": 5, "rank": 0, "mode": "raise"})
+    with pytest.raises(TrainError, match="stage autoencoder"):
+        train_generator(bad, show_progress=False)
+
+
+def test_train_generator_job_exit_codes(ray_local, tmp_path, zoo_uri, capsys):
+    from rayweights.train.cli import main
+
+    assert main(["--config", "jobs/configs/pdiff_tiny.yaml", "--set", f"zoo={tmp_path}/missing"]) == 2
+    assert "zoo" in capsys.readouterr().err
+    assert main(["--config", "jobs/configs/pdiff_tiny.yaml", "--set", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    # Denoised Weights end to end with the packaged text encoder: one worker, ZeRO-1
+    rc = main(["--config", "jobs/configs/denoised_weights_tiny.yaml", "--no-progress", "--output", str(tmp_path),
+               "--set", f"zoo={zoo_uri}", "steps=6", "checkpoint_every=3", "num_workers=1", "zero_stage=1",
+               "batch_size=16"])
+    assert rc == 0, capsys.readouterr().err
+    gen = load_generator(str(tmp_path / "denoised-weights-tiny" / "export"))
+    assert gen.conditions is not None and len(gen.conditions) == 3
+    x = gen.sample(["an unseen concept"], 1, mode="one_step", t=500)
+    assert x.shape[1:] == (gen.layout.num_blocks, gen.layout.block_size)
