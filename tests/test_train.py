@@ -133,8 +133,8 @@ def test_train_generator_job_exit_codes(ray_local, tmp_path, zoo_uri, capsys):
     assert "bogus" in capsys.readouterr().err
     # Denoised Weights end to end with the packaged text encoder: one worker, ZeRO-1
     rc = main(["--config", "jobs/configs/denoised_weights_tiny.yaml", "--no-progress", "--output", str(tmp_path),
-               "--set", f"zoo={zoo_uri}", "steps=6", "checkpoint_every=3", "num_workers=1", "zero_stage=1",
-               "batch_size=16"])
+               "--set", f"zoo={zoo_uri}", "--set", "steps=6", "--set", "checkpoint_every=3", "--set", "num_workers=1",
+               "--set", "zero_stage=1", "--set", "batch_size=16"])
     assert rc == 0, capsys.readouterr().err
     gen = load_generator(str(tmp_path / "denoised-weights-tiny" / "export"))
     assert gen.conditions is not None and len(gen.conditions) == 3
