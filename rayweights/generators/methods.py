@@ -64,22 +64,15 @@ def count_parameters(module: nn.Module) -> int:
 
 def one_step_recover(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float,
                      prediction_type: str = "epsilon") -> torch.Tensor:
-    """Denoised Weights eq. 3, direct recovery from one forward at t: w0 = (w_t - sigma_t eps_hat) / alpha_t
-    with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) (the exact inverse of
-    w_t = alpha_t w0 + sigma_t eps; the paper typesets the 1/alpha_t on w_t only).
+    """Denoised Weights eq. 3, direct recovery from one forward at t (``rayweights.sampling.one_step_recover``:
+    epsilon, v_prediction or sample outputs); an unknown ``prediction_type`` is a GeneratorError."""
+    from ..sampling import SamplingError
+    from ..sampling import one_step_recover as recover
 
-    For a generator trained with ``prediction_type`` ``v_prediction`` the model output is
-    v = alpha_t eps - sigma_t w0 and w0 = alpha_t w_t - sigma_t v, which stays well conditioned at
-    timesteps near the noise side (eps-recovery divides by alpha_t -> 0 there); ``sample`` models
-    predict w0 directly."""
-    a, s = alpha_bar_t ** 0.5, (1.0 - alpha_bar_t) ** 0.5
-    if prediction_type == "epsilon":
-        return (x_t - s * eps) / a
-    if prediction_type == "v_prediction":
-        return a * x_t - s * eps
-    if prediction_type == "sample":
-        return eps
-    raise GeneratorError(f"scheduler.prediction_type: {prediction_type!r} is not epsilon, v_prediction or sample")
+    try:
+        return recover(x_t, eps, alpha_bar_t, prediction_type)
+    except SamplingError as exc:
+        raise GeneratorError(f"scheduler.prediction_type: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- stage losses
