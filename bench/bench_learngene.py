@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rayweights.config import load_config  # noqa: E402
+from rayweights.fmt import cell  # noqa: E402
 from rayweights.learngene.experiment import prepare, run_learngene  # noqa: E402
 from rayweights.learngene.spec import LearngeneConfig  # noqa: E402
 
@@ -30,9 +31,7 @@ CONFIGS = [os.path.join(ROOT, "jobs", "configs", n) for n in ("learngene_resnet.
 
 
 def _f(v, nd=4):
-    if v is None:
-        return "—"
-    return f"{v:.{nd}g}" if isinstance(v, float) else str(v)
+    return cell(v, nd, "g")
 
 
 def main(argv=None) -> int:

@@ -10,8 +10,7 @@
   before) as the number of blocks grows 10x, all blocks in one forward vs block-wise chunks of 256 rows.
 
 The denoiser is ``rayweights.generators``' BlockUNet1D (randomly initialised: speed and memory do
-not depend on the weights) at the given presets; without that package, a stand-in 1-D conv ResNet
-(this file) through ``rayweights.sampling.DiffusionBlockSampler``, and the table says so.
+not depend on the weights) at the given presets.
 """
 
 from __future__ import annotations
@@ -26,10 +25,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from torch import nn
 
 from rayweights.blocks import WeightLayout
-from rayweights.sampling import DiffusionBlockSampler
 
 PAPER_BLOCKS, BLOCK = 854, 256
 
@@ -49,51 +46,13 @@ def paper_layout(num_blocks: int = PAPER_BLOCKS) -> WeightLayout:
     return L.fit_stats(torch.randn(2, L.num_blocks, BLOCK) * 0.02)
 
 
-class StandInDenoiser(nn.Module):
-    """1-D conv ResNet over one block, timestep + block-index embeddings added in every ResBlock."""
-
-    def __init__(self, ch: int = 64, depth: int = 4, emb: int = 128):
-        super().__init__()
-        self.emb = emb
-        self.t_mlp = nn.Sequential(nn.Linear(emb, ch), nn.SiLU(), nn.Linear(ch, ch))
-        self.b_mlp = nn.Sequential(nn.Linear(emb, ch), nn.SiLU(), nn.Linear(ch, ch))
-        self.inp = nn.Conv1d(1, ch, 3, padding=1)
-        self.blocks = nn.ModuleList(nn.ModuleList([nn.GroupNorm(8, ch), nn.Conv1d(ch, ch, 3, padding=1),
-                                                   nn.GroupNorm(8, ch), nn.Conv1d(ch, ch, 3, padding=1)])
-                                    for _ in range(depth))
-        self.out = nn.Conv1d(ch, 1, 3, padding=1)
-
-    def sinus(self, x):
-        half = self.emb // 2
-        f = torch.exp(-torch.arange(half, device=x.device) * (torch.log(torch.tensor(10000.0)) / half))
-        a = x.float()[:, None] * f[None]
-        return torch.cat([a.sin(), a.cos()], dim=1)
-
-    def forward(self, x, t, block_index, cond=None):
-        e = (self.t_mlp(self.sinus(t)) + self.b_mlp(self.sinus(block_index)))[:, :, None]
-        h = self.inp(x[:, None])
-        for n1, c1, n2, c2 in self.blocks:
-            r = c1(nn.functional.silu(n1(h))) + e
-            h = h + c2(nn.functional.silu(n2(r)))
-        return self.out(h)[:, 0]
-
-
 def make_sampler(preset: str, layout: WeightLayout, method: str, steps: int, chunk: int, device: str):
-    """(sampler with .sample(condition, n, seed), description, parameter count).
+    """(sampler with .sample(condition, n, seed), description, parameter count): the production path,
+    a DenoisedWeights method object (BlockUNet1D at ``preset``, text condition from a cached 384-d
+    embedding, as MiniLM gives) sampled through ``GeneratorSampler`` = ``method.sample``."""
+    from rayweights.conditioning import ConditionCache
+    from rayweights.generators import GeneratorSampler, build_method, count_parameters
 
-    With ``rayweights.generators``: the production path, a DenoisedWeights method object (BlockUNet1D
-    at ``preset``, text condition from a cached 384-d embedding, as MiniLM gives) sampled through
-    ``GeneratorSampler`` = ``method.sample``.  Without it: the stand-in denoiser through
-    ``rayweights.sampling.DiffusionBlockSampler``."""
-    try:
-        from rayweights.conditioning import ConditionCache
-        from rayweights.generators import GeneratorSampler, build_method, count_parameters
-    except ImportError as exc:
-        model = StandInDenoiser().eval()
-        n = sum(p.numel() for p in model.parameters())
-        s = DiffusionBlockSampler(model, layout, {"num_train_timesteps": 1000}, method=method, t=500, steps=steps,
-                                  chunk_blocks=chunk, device=device)
-        return s, f"stand-in 1-D conv ResNet (rayweights.generators unavailable: {exc.__class__.__name__})", n
     cache = ConditionCache(["a concept"], torch.randn(1, 384, generator=torch.Generator().manual_seed(0)), "text",
                            "fixed")
     m = build_method("denoised_weights", layout, preset, conditions=cache)

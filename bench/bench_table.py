@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -122,7 +121,6 @@ def bench_open(root: str, members: int, label: str):
     t0 = time.perf_counter()
     zoo.blocks([zoo.members.column("member_id")[0].as_py()])
     t_first = time.perf_counter() - t0
-    import ray
     t0 = time.perf_counter()
     batch = next(iter(zoo.dataset(columns=["block"]).iter_batches(batch_size=256)))
     t_ray = time.perf_counter() - t0

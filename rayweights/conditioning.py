@@ -20,9 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn

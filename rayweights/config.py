@@ -217,6 +217,17 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         raise
 
 
+def job_overrides(args: argparse.Namespace, field: str = "output") -> list[str]:
+    """The job's ``--set`` overrides, plus ``--output`` (if given) as an override of ``field``
+    (quoted, so any URI stays a string)."""
+    import json
+
+    out = list(args.overrides)
+    if getattr(args, "output", None):
+        out.append(f"{field}={json.dumps(args.output)}")
+    return out
+
+
 def job_argparser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
     """The common command line of every job: --config, --set (repeatable), --output, --address."""
     p = argparse.ArgumentParser(description=description)

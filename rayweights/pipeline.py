@@ -696,7 +696,7 @@ def resolve_uri(base: str, *parts: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``run-all``: ``python jobs/run_all.py [--config PIPELINE.yaml] [--set k=v ...] [--output DIR]``."""
     from .blocks import LayoutError
-    from .config import job_argparser
+    from .config import job_argparser, job_overrides
     from .evaluation.adapters import AdapterError
     from .sampling import SamplingError
     from .storage import StorageError
@@ -711,9 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     diffusers_logging.set_verbosity_error()        # no per-model-load advice on the console
     for noisy in ("ray.data", "ray.train", "ray.tune", "DeepSpeed", "deepspeed", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    overrides = list(a.overrides) + ([f"output={_j(a.output)}"] if a.output else [])
     try:
-        cfg = load_pipeline_config(a.config, overrides)
+        cfg = load_pipeline_config(a.config, job_overrides(a))
         _Stages(cfg, a.address, False)             # all three stage configs are checked here
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -35,7 +35,6 @@ Samplers (all implement :class:`rayweights.evaluation.protocols.WeightSampler`):
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -540,15 +539,13 @@ def sample_weights(cfg: SampleConfig, address: str | None = None, show_progress:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config import ConfigError, job_argparser, load_config
+    from .config import ConfigError, job_argparser, job_overrides, load_config
 
     p = job_argparser("Sample weights for conditions from a trained generator; write safetensors state_dicts.",
                       config_required=False)
     args = p.parse_args(argv)
     try:
-        cfg = load_config(SampleConfig, args.config, args.overrides)
-        if args.output:
-            cfg = dataclasses.replace(cfg, output=args.output)
+        cfg = load_config(SampleConfig, args.config, job_overrides(args))
         if not cfg.generator:
             raise ConfigError("generator: required (a generator export or sampler folder)")
         if not cfg.output:

@@ -9,11 +9,13 @@ search space over *dotted config keys* of that pipeline config::
     metric: gen_accuracy
     mode: max
     num_samples: 1
-    scheduler: {type: fifo}                       # or {type: asha, max_t: 8, grace_period: 2}
-    resources_per_trial: {cpu: 1, gpu: 0}
+    scheduler: {type: fifo}                       # or {type: asha, max_t: 4, grace_period: 1}
+    resources_per_trial: {cpu: 0.5, gpu: 0}       # the trial's own driver; its stages run as
+    max_concurrent_trials: 1                      # 0-CPU Ray tasks that claim their own resources
+    fixed: {rounds: 4}                            # set in every trial (not searched)
     space:
-      zoo.block_size: {grid_search: [128, 256, 512]}
-      generator.lr: {loguniform: [1.0e-4, 1.0e-2]}
+      block_size: {grid_search: [128, 256, 512]}  # top-level knobs of PipelineConfig
+      lr: {loguniform: [1.0e-4, 1.0e-2]}
 
 Each trial applies its sampled values as ``--set`` overrides to the base config and runs
 :func:`rayweights.pipeline.run_trial`, which re-tokenises the zoo when block size or grouping
@@ -104,7 +106,34 @@ def load_space(path: str | os.PathLike, overrides=()) -> SweepSpace:
         if found is None:
             raise ConfigError(f"{path}: base_config {space.base_config!r} not found")
         space = dataclasses.replace(space, base_config=str(found.resolve()))
+    _check_keys(space, path)
     return space
+
+
+def _example_value(dist: dict) -> Any:
+    kind, arg = next(iter(dist.items()))
+    if kind in ("grid_search", "choice"):
+        return arg[0]
+    if kind == "randint":
+        return int(arg[0])
+    return float(arg[0])
+
+
+def _check_keys(space: SweepSpace, path) -> None:
+    """Fail at load time, not in trial N, when a searched or fixed key is not a field of the base
+    pipeline config (or its value has the wrong type): one value per key goes through the same
+    strict loader the trials use."""
+    from .config import load_config
+    from .pipeline import PipelineConfig
+
+    items = [("fixed", k, v) for k, v in space.fixed.items()]
+    items += [("space", k, _example_value(d)) for k, d in space.space.items()]
+    for section, key, value in items:
+        try:
+            load_config(PipelineConfig, space.base_config, [f"{key}={json.dumps(value)}"])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {section}.{key}: not a valid key/value of the base config "
+                              f"{space.base_config} ({exc})") from exc
 
 
 def to_tune_space(space: SweepSpace) -> dict:

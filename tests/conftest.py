@@ -20,6 +20,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models: one torch thread is far faster than two on the shared 2-core box.  Use with
+    ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``; restores the count afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 for the whole session; sets the AWS environment."""

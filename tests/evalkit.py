@@ -7,7 +7,6 @@ learning rate, so a Gaussian fitted to a task's members is a sensible (if simple
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 

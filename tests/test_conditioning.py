@@ -10,12 +10,7 @@ from rayweights.conditioning import (BlockIndexEmbedding, ConditionCache, Condit
                                      sinusoidal_encoding)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ----------------------------------------------------------------------------- eq. 2

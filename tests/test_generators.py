@@ -12,8 +12,7 @@ import torch
 
 from rayweights.blocks import WeightLayout
 from rayweights.conditioning import ConditionCache, SetTransformer
-from rayweights.generators import (D2NWG, BlockUNet1D, DenoisedWeights, GeneratorError, LatentDenoiser1D, PDiff,
-                                   PDiffAutoencoder, WeightVAE, build_method, count_parameters, get_preset,
+from rayweights.generators import (BlockUNet1D, GeneratorError, LatentDenoiser1D, PDiffAutoencoder, WeightVAE, build_method, count_parameters, get_preset,
                                    list_presets, load_generator, one_step_recover, sampler_loader)
 from rayweights.generators.presets import UnknownPresetError
 from rayweights.table import open_zoo

@@ -1,12 +1,11 @@
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from evalkit import DigitsTask, GaussianBlockDenoiser, make_mlp, tiny_zoo
-from rayweights.blocks import LayoutError, WeightLayout
+from rayweights.blocks import LayoutError
 from rayweights.evaluation.protocols import load_layout_params
 from rayweights.sampling import (DiffusionBlockSampler, FolderSampler, GaussianWeightSampler, SampleConfig,
                                  SamplingError, condition_seed, condition_slug, load_sampler, load_state_dict,
@@ -14,12 +13,7 @@ from rayweights.sampling import (DiffusionBlockSampler, FolderSampler, GaussianW
 from rayweights.table import open_zoo
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayweights.config import ConfigError, load_config
+from rayweights.config import load_config
 from rayweights.table import open_zoo
 from rayweights.zoo import ZooSpec, build_zoo, plan_tasks
 from rayweights.zoo.cli import main as build_main

@@ -5,7 +5,6 @@ diffusers editor with a tiny random InstructPix2Pix pipeline, specs and task pla
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..blocks import LayoutError
-from ..config import ConfigError, job_argparser, load_config
+from ..config import ConfigError, job_argparser, job_overrides, load_config
 from ..sampling import SamplingError
 from ..storage import StorageError, check_writable, resolve, write_bytes_atomic
 from .adapters import AdapterError, make_adapter
@@ -230,9 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       config_required=False)
     args = p.parse_args(argv)
     try:
-        cfg = load_config(EvaluateConfig, args.config, args.overrides)
-        if args.output:
-            cfg = dataclasses.replace(cfg, output=args.output)
+        cfg = load_config(EvaluateConfig, args.config, job_overrides(args))
         cfg = resolve_defaults(cfg)
         validate(cfg)
     except ConfigError as exc:

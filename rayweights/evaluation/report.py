@@ -15,25 +15,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..fmt import cell as _f
 from .core import INIT_LABELS, TaskResult
 
 __all__ = ["render_markdown", "verdict_sentences", "plot_curves", "plot_mean_curves", "write_report"]
-
-
-def _f(v, nd: int = 4) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "n/a"
-        if math.isinf(v):
-            return "∞"
-        return f"{v:.{nd}f}"
-    return str(v)
 
 
 def _slug(s: str) -> str:
@@ -106,7 +91,7 @@ def render_markdown(results: Sequence[TaskResult], header: Mapping[str, Any] | N
                          f"{_f(row['epochs_to_target'])} | {_f(row['speedup_epochs'], 2)} | "
                          f"{_f(row['time_to_target'], 3)} | {_f(row['speedup_time'], 2)} | "
                          f"{_f(row['init_seconds'], 4)} |{ex} {row['note']} |")
-        lines += ["", f"N-sample statistics at epoch 0 (no fine-tuning):", "",
+        lines += ["", "N-sample statistics at epoch 0 (no fine-tuning):", "",
                   "| set | best | avg | median | worst | N |", "|---|---:|---:|---:|---:|---:|"]
         for name, label in (("generated", "generated (test)"), ("generated_train", "generated (train)"),
                             ("nearest_noise", "nearest zoo ckpt + noise (test)")):

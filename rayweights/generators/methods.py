@@ -22,7 +22,6 @@ normalisation stats, the diffusers noise schedule and the condition encoders/cac
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -30,11 +29,10 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..blocks import LayoutError, WeightLayout
 from ..conditioning import (ConditionCache, ConditioningError, SetTransformer, TextEncoder, clip_contrastive_loss,
-                            dataset_features, default_text_encoder_path)
+                            dataset_features)
 from .block_unet import BlockUNet1D
 from .latent_denoiser import LatentDenoiser1D
 from .pdiff import PDiffAutoencoder

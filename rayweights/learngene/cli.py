@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from ..config import ConfigError, job_argparser, load_config
+from ..config import ConfigError, job_argparser, job_overrides, load_config
 from ..storage import StorageError, check_writable
 from .experiment import prepare, run_learngene
 from .layers import LearngeneError
@@ -27,9 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-ray", action="store_true", help="run every size in this process (debugging)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    overrides = list(a.overrides) + ([f"output={a.output}"] if a.output else [])
     try:
-        cfg = load_config(LearngeneConfig, a.config, overrides)
+        cfg = load_config(LearngeneConfig, a.config, job_overrides(a))
         if a.no_ray:
             cfg.parallel = False
         if not cfg.output:

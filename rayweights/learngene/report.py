@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
+
+from ..fmt import cell
 
 __all__ = ["render_markdown", "plot_curves", "format_table", "LABELS"]
 
 LABELS = {"scratch": "random init", "fine": "FINE (Σ phase + full)", "fine_nosigma": "learngene init, no Σ phase"}
 
 
-def _f(v: Any, nd: int = 4) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "∞"
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.{nd}g}"
-    return str(v)
+def _g(v: Any, nd: int = 4) -> str:
+    return cell(v, nd, "g")
 
 
 def _bytes(n: int) -> str:
@@ -48,15 +41,15 @@ def format_table(summary: Mapping) -> str:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in summary["sizes"]:
         ab, fn, st = e["at_budget"], e["final"], e["steps_to_target"]
-        cells = [f"{e['name']} ({_size(e['size'])})", f"{e['params']:,}", _f(ab.get("scratch"))]
-        cells += [_f(ab.get("fine"))] if has_f else []
-        cells += [_f(ab.get("fine_nosigma"))] if has_ns else []
-        cells += [_f(fn.get("scratch"))] + ([_f(fn.get("fine"))] if has_f else [])
-        cells += [_f(e["target"]), _f(st.get("scratch"))]
-        cells += [_f(st.get("fine"))] if has_f else []
-        cells += [_f(st.get("fine_nosigma"))] if has_ns else []
+        cells = [f"{e['name']} ({_size(e['size'])})", f"{e['params']:,}", _g(ab.get("scratch"))]
+        cells += [_g(ab.get("fine"))] if has_f else []
+        cells += [_g(ab.get("fine_nosigma"))] if has_ns else []
+        cells += [_g(fn.get("scratch"))] + ([_g(fn.get("fine"))] if has_f else [])
+        cells += [_g(e["target"]), _g(st.get("scratch"))]
+        cells += [_g(st.get("fine"))] if has_f else []
+        cells += [_g(st.get("fine_nosigma"))] if has_ns else []
         sp = e.get("speedup")
-        cells += [f"{_f(sp, 3)}×" if sp is not None else "—"]
+        cells += [f"{_g(sp, 3)}×" if sp is not None else "—"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + f"\n\nmetric: `{m}` ({'higher' if summary['higher_is_better'] else 'lower'} is better)"
 
@@ -77,7 +70,7 @@ def render_markdown(summary: Mapping) -> str:
              "| | steps |", "|---|---|",
              f"| direct pretraining, each size to its target | {t['direct_steps']:,} "
              f"(full runs: {t['direct_steps_full']:,}) |",
-             f"| FINE: source + learngene learning once, then each size to the target | "
+             "| FINE: source + learngene learning once, then each size to the target | "
              + (f"{t['fine_steps']:,} |" if t["fine_steps"] is not None else
                 f"not all sizes reached the target ({t['fine_sizes_reached']}/{t['sizes']}) |")]
     if t.get("step_ratio"):
@@ -91,7 +84,7 @@ def render_markdown(summary: Mapping) -> str:
               "## Layer types", "", "| type | out | in | depth | rank | rel. error |", "|---|---|---|---|---|---|"]
     for g in lg["genes"]:
         lines.append(f"| {g['name']} | {g['out_dim']} | {'x'.join(map(str, g['in_shape']))} | {g['depth']} | "
-                     f"{'x'.join(map(str, g['rank']))} | {_f(g['rel_error'], 3)} |")
+                     f"{'x'.join(map(str, g['rank']))} | {_g(g['rel_error'], 3)} |")
     lines += ["", "![curves](curves.png)", ""]
     verdicts = []
     for e in summary["sizes"]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..config import ConfigError, job_argparser, load_config
+from ..config import ConfigError, job_argparser, job_overrides, load_config
 from ..storage import StorageError
 
 
@@ -22,12 +22,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "ray", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    overrides = list(a.overrides) + ([f"storage={a.output}"] if a.output else [])
     from .config import GeneratorTrainConfig
     from .trainer import TrainError, preflight, train_generator
 
     try:
-        cfg = load_config(GeneratorTrainConfig, a.config, overrides)
+        cfg = load_config(GeneratorTrainConfig, a.config, job_overrides(a, "storage"))
         plan = preflight(cfg)
     except (ConfigError, TrainError, StorageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from ..blocks import WeightLayout
 from ..storage import StorageError, check_writable, exists, list_files, read_bytes, resolve, write_bytes_atomic

@@ -51,6 +51,7 @@ class BuildSummary:
     score_metric: str = ""
     score_mean: float = float("nan")
     shared: dict = field(default_factory=dict)
+    member_seconds: list[float] = field(default_factory=list)   # train+write time of each member this run
 
     @property
     def members_per_hour(self) -> float:
@@ -308,4 +309,5 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, p
     return BuildSummary(spec.output, len(rows), len(results) - len(failed), skipped, len(failed),
                         time.perf_counter() - t0, [(r["member_id"], r["error"]) for r in failed],
                         held_out=len(held_out), score_metric=fam.score_metric,
-                        score_mean=sum(scores) / len(scores) if scores else float("nan"), shared=shared or {})
+                        score_mean=sum(scores) / len(scores) if scores else float("nan"), shared=shared or {},
+                        member_seconds=[float(r["seconds"]) for r in results])

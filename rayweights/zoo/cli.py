@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..config import ConfigError, job_argparser, load_config
+from ..config import ConfigError, job_argparser, job_overrides, load_config
 from ..storage import StorageError
 from .builder import build_zoo, prepare
 from .editor import EditorError
@@ -16,9 +16,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-ray", action="store_true", help="train members in this process (debugging)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    overrides = list(a.overrides) + ([f"output={a.output}"] if a.output else [])
     try:
-        spec = load_config(ZooSpec, a.config, overrides)
+        spec = load_config(ZooSpec, a.config, job_overrides(a))
         prepare(spec)   # everything that can be wrong is checked before any training
     except (ConfigError, ValueError, KeyError, StorageError, EditorError) as exc:
         msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
