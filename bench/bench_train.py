@@ -84,8 +84,8 @@ def plain_loop(method: str, zoo_uri: str, steps: int, batch: int, threads: int) 
     return steps * batch / (time.perf_counter() - t0)
 
 
-def ray_run(method, zoo_uri, storage, steps, batch, workers, cpus):
-    cfg, stage = cfg_for(method, zoo_uri, storage, f"w{workers}", steps, batch, workers, cpus)
+def ray_run(method, zoo_uri, storage, steps, batch, workers, cpus, zero=2):
+    cfg, stage = cfg_for(method, zoo_uri, storage, f"w{workers}", steps, batch, workers, cpus, zero)
     t0 = time.perf_counter()
     try:
         train_generator(cfg, show_progress=False)
@@ -148,6 +148,8 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--members", type=int, default=384)
     ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage of the Ray rows")
+    ap.add_argument("--workers", default="1,2", help="worker counts of the Ray rows, comma-separated")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--gpu-batch", type=int, default=2048)
     a = ap.parse_args()
@@ -163,15 +165,20 @@ def main():
         from rayweights.runtime import ray_init
 
         ray_init()
-        r1, w1 = ray_run(a.method, zoo, os.path.join(tmp, "runs"), a.steps, a.batch, 1, 1.0)
-        r2, w2 = ray_run(a.method, zoo, os.path.join(tmp, "runs"), a.steps, a.batch, 2, 0.5)
-        rows = [("plain torch loop, 1 process, 1 thread", plain1, None, 1.0),
-                ("Ray Train + DeepSpeed ZeRO-2, 1 worker", r1, w1, r1 / plain1),
-                ("Ray Train + DeepSpeed ZeRO-2, 2 workers", r2, w2, r2 / plain1)]
+        rows = [("plain torch loop, 1 process, 1 thread", plain1, None, 1.0)]
+        rates = {}
+        for n in (int(w) for w in a.workers.split(",")):
+            r, w = ray_run(a.method, zoo, os.path.join(tmp, f"runs-z{a.zero}"), a.steps, a.batch, n, 1.0 / n, a.zero)
+            rates[n] = r
+            rows.append((f"Ray Train + DeepSpeed ZeRO-{a.zero}, {n} worker{'s' if n > 1 else ''}", r, w, r / plain1))
         print("\n| path | samples/s | wall s (incl. start-up) | vs plain loop |\n|---|---|---|---|")
         for name, sps, wall, ratio in rows:
             print(f"| {name} | {sps:,.0f} | {'-' if wall is None else f'{wall:.1f}'} | {ratio:.2f} |")
-        print(f"\n2 workers / 1 worker: {r2 / r1:.2f}; Ray+DeepSpeed overhead at 1 worker: {plain1 / r1 - 1:+.0%}")
+        if 1 in rates:
+            print(f"\nRay+DeepSpeed overhead at 1 worker: {plain1 / rates[1] - 1:+.0%}", end="")
+            if 2 in rates:
+                print(f"; 2 workers / 1 worker: {rates[2] / rates[1]:.2f}", end="")
+            print()
         if a.gpu:
             if not torch.cuda.is_available():
                 print("\n--gpu: no CUDA device here; GPU rows not measured")
