@@ -129,18 +129,23 @@ def _port():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RAYWEIGHTS_JOB_SUBMIT_TEST") != "1",
-                    reason="opt-in (RAYWEIGHTS_JOB_SUBMIT_TEST=1): passes alone, but next to the session's "
-                           "embedded Ray its job agent is not reliably reachable yet (open in issue 3)")
 def test_ray_job_submit_against_local_cluster(tmp_path):
-    """`ray start --head` + `ray job submit --working-dir . -- python jobs/build_zoo.py ...`."""
+    """`ray start --head` + `ray job submit --working-dir . -- python jobs/build_zoo.py ...`.
+
+    Every port of the new cluster is a free one: with the defaults its dashboard agent would try
+    the port (52365) that the test session's own embedded Ray already holds, and the job server
+    would answer "No available agent" for ever."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     gcs, dash = _port(), _port()
+    ports = {"--dashboard-agent-listen-port": _port(), "--dashboard-agent-grpc-port": _port(),
+             "--metrics-export-port": _port(), "--runtime-env-agent-port": _port(),
+             "--node-manager-port": _port(), "--object-manager-port": _port(),
+             "--ray-client-server-port": _port()}
     tmpdir = f"/tmp/rwj{os.getpid()}"
     start = subprocess.run(["ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                             "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-                            f"--temp-dir={tmpdir}", "--disable-usage-stats"],
+                            f"--temp-dir={tmpdir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
