@@ -76,3 +76,80 @@ def ray_local():
         ray_init(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+class HeadCluster:
+    """A `ray start --head` cluster of its own (private temp dir, every port a free one)."""
+
+    def __init__(self, tmpdir: str, dashboard: str, env: dict):
+        self.tmpdir, self.dashboard, self.env = tmpdir, dashboard, env
+
+    def submit(self, entrypoint: list[str], timeout: int = 600):
+        """`ray job submit --working-dir <repo> -- <entrypoint>`; retries while the job agent is
+        still starting ("No available agent"), returns the CompletedProcess of the last try."""
+        import json
+        import subprocess
+        import time
+        from pathlib import Path
+
+        root = str(Path(__file__).resolve().parents[1])
+        for _ in range(20):
+            job = subprocess.run(
+                ["ray", "job", "submit", "--address", self.dashboard, "--working-dir", root, "--runtime-env-json",
+                 json.dumps({"excludes": ["runs/", ".git/", "**/__pycache__"]}), "--", *entrypoint],
+                env=self.env, capture_output=True, text=True, timeout=timeout)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(3)
+        return job
+
+
+@pytest.fixture()
+def ray_head_cluster():
+    """A local cluster to `ray job submit` to, next to the session's embedded Ray.
+
+    Every port is a free one: with the defaults its dashboard agent would try the port (52365)
+    that the embedded Ray already holds, and the job server would answer "No available agent"
+    for ever.  Torn down by killing only this cluster's processes: `ray stop` would also kill the
+    session's embedded Ray."""
+    import subprocess
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    ports = {"--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
+             "--metrics-export-port": _free_port(), "--runtime-env-agent-port": _free_port(),
+             "--node-manager-port": _free_port(), "--object-manager-port": _free_port(),
+             "--ray-client-server-port": _free_port()}
+    tmpdir = f"/tmp/rwj{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    start = subprocess.run(["ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+                            "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+                            f"--temp-dir={tmpdir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
+                           env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        yield HeadCluster(tmpdir, f"http://127.0.0.1:{dash}", env)
+    finally:
+        _stop_cluster(tmpdir)
+
+
+def _stop_cluster(tmpdir: str) -> None:
+    import shutil
+
+    import psutil
+
+    me = os.getpid()
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != me and any(tmpdir in a for a in (p.info["cmdline"] or [])):
+                procs += [p, *p.children(recursive=True)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    shutil.rmtree(tmpdir, ignore_errors=True)

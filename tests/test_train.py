@@ -140,3 +140,15 @@ def test_train_generator_job_exit_codes(ray_local, tmp_path, zoo_uri, capsys):
     assert gen.conditions is not None and len(gen.conditions) == 3
     x = gen.sample(["an unseen concept"], 1, mode="one_step", t=500)
     assert x.shape[1:] == (gen.layout.num_blocks, gen.layout.block_size)
+
+
+def test_train_generator_through_ray_job_submit(ray_head_cluster, tmp_path, zoo_uri):
+    """`ray job submit -- python jobs/train_generator.py ...` against a running `ray start --head`."""
+    job = ray_head_cluster.submit([
+        "python", "jobs/train_generator.py", "--config", "jobs/configs/pdiff_tiny.yaml", "--no-progress",
+        "--output", str(tmp_path), "--set", f"zoo={zoo_uri}", "--set", "num_workers=1", "--set", "zero_stage=1",
+        "--set", "batch_size=4", "--set", "stages={autoencoder: {steps: 4}, diffusion: {steps: 4}}",
+        "--set", "checkpoint_every=4"])
+    assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
+    gen = load_generator(str(tmp_path / "pdiff-tiny" / "export"))
+    assert gen.sample(None, 2).shape[0] == 2

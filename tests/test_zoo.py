@@ -1,8 +1,6 @@
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -122,73 +120,15 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
     assert not (tmp_path / "z" / "members").exists()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_ray_job_submit_against_local_cluster(tmp_path):
-    """`ray start --head` + `ray job submit --working-dir . -- python jobs/build_zoo.py ...`.
-
-    Every port of the new cluster is a free one: with the defaults its dashboard agent would try
-    the port (52365) that the test session's own embedded Ray already holds, and the job server
-    would answer "No available agent" for ever."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    gcs, dash = _port(), _port()
-    ports = {"--dashboard-agent-listen-port": _port(), "--dashboard-agent-grpc-port": _port(),
-             "--metrics-export-port": _port(), "--runtime-env-agent-port": _port(),
-             "--node-manager-port": _port(), "--object-manager-port": _port(),
-             "--ray-client-server-port": _port()}
-    tmpdir = f"/tmp/rwj{os.getpid()}"
-    start = subprocess.run(["ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-                            "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-                            f"--temp-dir={tmpdir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stderr[-2000:]
-    try:
-        out = tmp_path / "zoo"
-        import time
-        for _ in range(20):   # the dashboard's job agent takes a few seconds after `ray start`
-            job = subprocess.run(
-            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-             "--runtime-env-json", json.dumps({"excludes": ["runs/", ".git/", "**/__pycache__"]}), "--",
-             sys.executable, "jobs/build_zoo.py", "--config", "jobs/specs/tiny.yaml", "--output", str(out),
-             *sum((["--set", f] for f in FAST), [])],
-            env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in job.stdout + job.stderr:
-                break
-            time.sleep(3)
-        assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
-        assert "6 done" in job.stdout
-        check_zoo(str(out), 6)
-    finally:
-        _stop_cluster(tmpdir)
-
-
-def _stop_cluster(tmpdir: str) -> None:
-    """Stop only the cluster started above (its processes name its private temp dir).
-
-    `ray stop` would also kill this test session's own embedded Ray (and so pytest itself)."""
-    import psutil
-
-    me = os.getpid()
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != me and any(tmpdir in a for a in (p.info["cmdline"] or [])):
-                procs += [p, *p.children(recursive=True)]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    shutil.rmtree(tmpdir, ignore_errors=True)
+def test_ray_job_submit_against_local_cluster(tmp_path, ray_head_cluster):
+    """`ray start --head` + `ray job submit --working-dir . -- python jobs/build_zoo.py ...`."""
+    out = tmp_path / "zoo"
+    job = ray_head_cluster.submit([sys.executable, "jobs/build_zoo.py", "--config", "jobs/specs/tiny.yaml",
+                                   "--output", str(out), *sum((["--set", f] for f in FAST), [])])
+    assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
+    assert "6 done" in job.stdout
+    check_zoo(str(out), 6)
 
 
 def test_partial_family_trains_only_the_selected_layers(tmp_path, ray_local):
