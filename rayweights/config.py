@@ -217,14 +217,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         raise
 
 
-def job_overrides(args: argparse.Namespace, field: str = "output") -> list[str]:
-    """The job's ``--set`` overrides, plus ``--output`` (if given) as an override of ``field``
-    (quoted, so any URI stays a string)."""
-    import json
+def override_value(v: Any) -> str:
+    """``v`` as the value of a ``key=value`` override that :func:`apply_overrides` reads back as
+    ``v`` itself.  YAML, not JSON: ``json.dumps(1e-05)`` is ``1e-05``, which YAML 1.1 reads as a
+    string; YAML writes ``1.0e-05`` (also inside lists and mappings) and quotes strings that
+    would read as something else."""
+    text = yaml.safe_dump(v, default_flow_style=True, width=float("inf")).strip()
+    return text[:-3].rstrip() if text.endswith("...") else text     # a bare scalar ends "..."
 
+
+def job_overrides(args: argparse.Namespace, field: str = "output") -> list[str]:
+    """The job's ``--set`` overrides, plus ``--output`` (if given) as an override of ``field``."""
     out = list(args.overrides)
-    if getattr(args, "output", None):
-        out.append(f"{field}={json.dumps(args.output)}")
+    if args.output:
+        out.append(f"{field}={override_value(args.output)}")
     return out
 
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .config import ConfigError, from_dict, load_config, read_yaml, to_dict
+from .config import ConfigError, from_dict, load_config, override_value, read_yaml, to_dict
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "run_trial", "retokenize_zoo", "load_pipeline_config",
            "resolve_path", "DEFAULT_CONFIG_NOTE"]
@@ -167,17 +167,6 @@ def _hash(obj: Any, n: int = 8) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
-def _j(v: Any) -> str:
-    """A value as an override string that YAML reads back as the same value (``1e-05`` would be a
-    string to YAML 1.1: floats are written with a mantissa dot, ``1.0e-05``)."""
-    if isinstance(v, float) and math.isfinite(v):
-        r = repr(v)
-        if "e" in r and "." not in r.split("e")[0]:
-            r = r.replace("e", ".0e", 1)
-        return r
-    return json.dumps(v)
-
-
 def zoo_spec_of(cfg: PipelineConfig):
     """The ZooSpec of the pipeline (``zoo_set`` applied, output not yet set)."""
     from .zoo.spec import ZooSpec
@@ -206,17 +195,17 @@ def train_config_of(cfg: PipelineConfig, zoo_uri: str = "unset", storage: str = 
             raise ConfigError(f"{key}: noise augmentation belongs to p-diff's autoencoder; generator "
                               f"{cfg.generator} trains method {method!r}")
         if cfg.input_noise is not None:
-            over.append(f"model.autoencoder.input_noise={_j(cfg.input_noise)}")
+            over.append(f"model.autoencoder.input_noise={override_value(cfg.input_noise)}")
         if cfg.latent_noise is not None:
-            over.append(f"model.autoencoder.latent_noise={_j(cfg.latent_noise)}")
+            over.append(f"model.autoencoder.latent_noise={override_value(cfg.latent_noise)}")
     if cfg.max_timestep is not None:
-        over.append(f"scheduler.num_train_timesteps={_j(cfg.max_timestep)}")
+        over.append(f"scheduler.num_train_timesteps={override_value(cfg.max_timestep)}")
     if cfg.lr is not None:
-        over.append(f"lr={_j(cfg.lr)}")
+        over.append(f"lr={override_value(cfg.lr)}")
         for stage, sc in (data.get("stages") or {}).items():
             if isinstance(sc, Mapping) and sc.get("lr") is not None:
-                over.append(f"stages.{stage}.lr={_j(cfg.lr)}")
-    over += [f"zoo={_j(zoo_uri)}", f"storage={_j(storage)}", f"run_name={_j(run_name)}"]
+                over.append(f"stages.{stage}.lr={override_value(cfg.lr)}")
+    over += [f"zoo={override_value(zoo_uri)}", f"storage={override_value(storage)}", f"run_name={override_value(run_name)}"]
     try:
         return load_config(GeneratorTrainConfig, path, over)
     except ConfigError as exc:
@@ -229,7 +218,7 @@ def eval_config_of(cfg: PipelineConfig, zoo_uri: str = "", generator_uri: str = 
     over = list(cfg.eval_set) + [f"num_samples={cfg.num_samples}", f"epochs={cfg.epochs}"]
     if cfg.one_step_t is not None:
         over += ["method=one_step", f"t={cfg.one_step_t}"]
-    over += [f"zoo={_j(zoo_uri)}", f"generator={_j(generator_uri)}", f"output={_j(output)}"]
+    over += [f"zoo={override_value(zoo_uri)}", f"generator={override_value(generator_uri)}", f"output={override_value(output)}"]
     try:
         return load_config(EvaluateConfig, None, over)
     except ConfigError as exc:
@@ -665,7 +654,7 @@ def run_trial(base_config: str, overrides: Sequence[str], trial_dir: str,
     from .runtime import ray_init
 
     trial_dir = _abs_output(trial_dir)
-    cfg = load_pipeline_config(base_config, list(overrides) + [f"output={_j(trial_dir)}"])
+    cfg = load_pipeline_config(base_config, list(overrides) + [f"output={override_value(trial_dir)}"])
     if not cfg.cache:
         cfg = dataclasses.replace(cfg, cache=os.path.join(os.path.dirname(trial_dir.rstrip("/")), "_shared"))
     _check(cfg)

@@ -27,7 +27,6 @@ resumes with ``Tuner.restore``.  Results: a table printed and saved (markdown + 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -123,14 +122,14 @@ def _check_keys(space: SweepSpace, path) -> None:
     """Fail at load time, not in trial N, when a searched or fixed key is not a field of the base
     pipeline config (or its value has the wrong type): one value per key goes through the same
     strict loader the trials use."""
-    from .config import load_config
+    from .config import load_config, override_value
     from .pipeline import PipelineConfig
 
     items = [("fixed", k, v) for k, v in space.fixed.items()]
     items += [("space", k, _example_value(d)) for k, d in space.space.items()]
     for section, key, value in items:
         try:
-            load_config(PipelineConfig, space.base_config, [f"{key}={json.dumps(value)}"])
+            load_config(PipelineConfig, space.base_config, [f"{key}={override_value(value)}"])
         except ConfigError as exc:
             raise ConfigError(f"{path}: {section}.{key}: not a valid key/value of the base config "
                               f"{space.base_config} ({exc})") from exc
@@ -163,7 +162,9 @@ def _trainable(params: dict, base_config: str, fixed: dict, output_root: str):
 
     from .pipeline import run_trial
 
-    overrides = [f"{k}={json.dumps(v)}" for k, v in {**fixed, **params}.items()]
+    from .config import override_value
+
+    overrides = [f"{k}={override_value(v)}" for k, v in {**fixed, **params}.items()]
     trial_dir = os.path.join(output_root, "trials", tune.get_context().get_trial_id())
     run_trial(base_config, overrides, trial_dir, report=tune.report)
 

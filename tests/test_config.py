@@ -46,3 +46,25 @@ def test_type_and_missing_and_validation_errors(tmp_path):
         load_config(Outer, None, ["name=a", "inner.steps=0"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_override_value_reads_back_as_itself():
+    """Every writer of ``key=value`` overrides (jobs' --output, pipeline stages, sweep trials) uses
+    override_value; apply_overrides must read each value back unchanged, type included."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from rayweights.config import apply_overrides, override_value
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(min_size=1, max_size=8), inner, max_size=4), max_leaves=10)
+
+    @settings(max_examples=300, deadline=None)
+    @given(values)
+    def roundtrip(v):
+        data = apply_overrides({}, [f"a.b={override_value(v)}"])
+        assert data["a"]["b"] == v and type(data["a"]["b"]) is type(v)
+
+    roundtrip()
+    assert override_value(1e-05) == "1.0e-05"     # json.dumps gives "1e-05": a string to YAML 1.1
