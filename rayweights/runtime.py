@@ -37,5 +37,6 @@ def ray_init(address: str | None = None, num_cpus: int | None = None, quiet: boo
                 "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var):
             env_vars[var] = os.environ[var]
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars}, **kwargs)
+    # address="local": never join whatever cluster a (possibly stale) ray_current_cluster file names
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars}, **kwargs)
     log.info("started an embedded local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))

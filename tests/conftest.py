@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 
 import pytest
@@ -78,6 +79,10 @@ def ray_local():
     ray.shutdown()
 
 
+# The `ray` command of the Python running the tests (its venv need not be activated).
+RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
 class HeadCluster:
     """A `ray start --head` cluster of its own (private temp dir, every port a free one)."""
 
@@ -95,7 +100,7 @@ class HeadCluster:
         root = str(Path(__file__).resolve().parents[1])
         for _ in range(20):
             job = subprocess.run(
-                ["ray", "job", "submit", "--address", self.dashboard, "--working-dir", root, "--runtime-env-json",
+                [RAY_CLI, "job", "submit", "--address", self.dashboard, "--working-dir", root, "--runtime-env-json",
                  json.dumps({"excludes": ["runs/", ".git/", "**/__pycache__"]}), "--", *entrypoint],
                 env=self.env, capture_output=True, text=True, timeout=timeout)
             if "No available agent" not in job.stdout + job.stderr:
@@ -122,7 +127,7 @@ def ray_head_cluster():
              "--node-manager-port": _free_port(), "--object-manager-port": _free_port(),
              "--ray-client-server-port": _free_port()}
     tmpdir = f"/tmp/rwj{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    start = subprocess.run(["ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+    start = subprocess.run([RAY_CLI, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                             "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
                             f"--temp-dir={tmpdir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
                            env=env, capture_output=True, text=True, timeout=180)
