@@ -140,9 +140,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         for preset in presets:
             rows += [(f"BlockUNet1D preset {preset!r}", "GPU", "one_step (1 forward)",
-                      "not measured (no GPU in this session)", "<= 0.1 s"),
+                      "not measured on this machine (no GPU)", "<= 0.1 s"),
                      (f"BlockUNet1D preset {preset!r}", "GPU", "ddim (50 forwards)",
-                      "not measured (no GPU in this session)", "-")]
+                      "not measured on this machine (no GPU)", "-")]
     print("| generator | device | method | seconds per weight set | goal |\n|---|---|---|---:|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
