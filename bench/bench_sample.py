@@ -92,6 +92,33 @@ def child(num_blocks: int, chunk: int, method: str, preset: str) -> None:
     print(json.dumps({"before_mib": before / 1024, "peak_mib": peak / 1024, "seconds": secs}))
 
 
+def forward_flops(preset: str, num_blocks: int) -> float:
+    """FLOPs of one BlockUNet1D forward over ``num_blocks`` blocks (counted on 8 blocks, scaled)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rayweights.generators import BlockUNet1D, get_preset
+
+    m = BlockUNet1D(**get_preset("denoised_weights", preset)["denoiser"], block_size=BLOCK,
+                    cross_attention_dim=384).eval()
+    B = 8
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        m(torch.randn(B, BLOCK), torch.full((B,), 500), torch.arange(B), torch.randn(B, 384))
+    return fc.get_total_flops() / B * num_blocks
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -146,6 +173,13 @@ def main(argv=None) -> int:
     print("| generator | device | method | seconds per weight set | goal |\n|---|---|---|---:|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    print("\nWhat the CPU allows: FLOPs of one forward over the whole weight set (torch.utils.flop_counter) and "
+          "the time this CPU needs for them at its own fp32 matrix-multiply rate (a 2048^3 matmul, same threads):\n")
+    rate = matmul_gflops()
+    print("| generator | TFLOP per forward | CPU fp32 matmul GFLOP/s | lower bound s per forward |\n|---|---:|---:|---:|")
+    for preset in presets:
+        f = forward_flops(preset, L.num_blocks)
+        print(f"| BlockUNet1D {preset!r} | {f / 1e12:.3f} | {rate:.0f} | {f / rate / 1e9:.2f} |")
     print(f"\nPeak memory of one-step sampling, preset {a.memory_preset!r} (fresh process; peak RSS while sampling, "
           "and above the RSS just before):\n")
     print("| blocks | weights (M) | rows per forward | peak RSS (MiB) | above baseline (MiB) | seconds |")

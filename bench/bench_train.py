@@ -40,12 +40,12 @@ def make_zoo(uri: str, members: int, hidden: int) -> str:
                       block_size=64, hidden=hidden)
 
 
-def cfg_for(method, zoo, storage, run, steps, batch, workers, cpus, zero=2):
+def cfg_for(method, zoo, storage, run, steps, batch, workers, cpus, zero=2, data="auto"):
     stage = {"denoised_weights": "diffusion", "pdiff": "autoencoder", "d2nwg": "vae"}[method]
     return from_dict(GeneratorTrainConfig, dict(
         method=method, zoo=zoo, storage=storage, run_name=run, batch_size=batch, lr=1e-3, steps=steps,
         only_stages=[stage], num_workers=workers, cpus_per_worker=cpus, zero_stage=zero, precision="fp32",
-        checkpoint_every=steps, log_every=max(1, steps // 6), max_failures=0)), stage
+        checkpoint_every=steps, log_every=max(1, steps // 6), max_failures=0, data_in_memory=data)), stage
 
 
 def plain_loop(method: str, zoo_uri: str, steps: int, batch: int, threads: int) -> float:
@@ -84,8 +84,8 @@ def plain_loop(method: str, zoo_uri: str, steps: int, batch: int, threads: int) 
     return steps * batch / (time.perf_counter() - t0)
 
 
-def ray_run(method, zoo_uri, storage, steps, batch, workers, cpus, zero=2):
-    cfg, stage = cfg_for(method, zoo_uri, storage, f"w{workers}", steps, batch, workers, cpus, zero)
+def ray_run(method, zoo_uri, storage, steps, batch, workers, cpus, zero=2, data="auto"):
+    cfg, stage = cfg_for(method, zoo_uri, storage, f"w{workers}-{data}", steps, batch, workers, cpus, zero, data)
     t0 = time.perf_counter()
     try:
         train_generator(cfg, show_progress=False)
@@ -93,7 +93,7 @@ def ray_run(method, zoo_uri, storage, steps, batch, workers, cpus, zero=2):
         if "only_stages" not in str(exc):
             raise
     wall = time.perf_counter() - t0
-    log = [json.loads(line) for line in open(os.path.join(storage, f"w{workers}", "train_log.jsonl"))]
+    log = [json.loads(line) for line in open(os.path.join(storage, f"w{workers}-{data}", "train_log.jsonl"))]
     sps = [r["samples_per_s"] for r in log if r.get("stage") == stage and "samples_per_s" in r][1:]
     return sum(sps) / len(sps), wall
 
@@ -150,6 +150,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage of the Ray rows")
     ap.add_argument("--workers", default="1,2", help="worker counts of the Ray rows, comma-separated")
+    ap.add_argument("--data", default="always,never", help="data_in_memory settings of the Ray rows, comma-separated "
+                    "(always: each worker's shard read once and reshuffled in memory; never: streamed every epoch)")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--gpu-batch", type=int, default=2048)
     a = ap.parse_args()
@@ -167,18 +169,24 @@ def main():
         ray_init()
         rows = [("plain torch loop, 1 process, 1 thread", plain1, None, 1.0)]
         rates = {}
-        for n in (int(w) for w in a.workers.split(",")):
-            r, w = ray_run(a.method, zoo, os.path.join(tmp, f"runs-z{a.zero}"), a.steps, a.batch, n, 1.0 / n, a.zero)
-            rates[n] = r
-            rows.append((f"Ray Train + DeepSpeed ZeRO-{a.zero}, {n} worker{'s' if n > 1 else ''}", r, w, r / plain1))
+        for data in a.data.split(","):
+            for n in (int(w) for w in a.workers.split(",")):
+                r, w = ray_run(a.method, zoo, os.path.join(tmp, f"runs-z{a.zero}"), a.steps, a.batch, n, 1.0 / n,
+                               a.zero, data)
+                rates[data, n] = r
+                rows.append((f"Ray Train + DeepSpeed ZeRO-{a.zero}, {n} worker{'s' if n > 1 else ''}, "
+                             f"data_in_memory={data}", r, w, r / plain1))
         print("\n| path | samples/s | wall s (incl. start-up) | vs plain loop |\n|---|---|---|---|")
         for name, sps, wall, ratio in rows:
             print(f"| {name} | {sps:,.0f} | {'-' if wall is None else f'{wall:.1f}'} | {ratio:.2f} |")
-        if 1 in rates:
-            print(f"\nRay+DeepSpeed overhead at 1 worker: {plain1 / rates[1] - 1:+.0%}", end="")
-            if 2 in rates:
-                print(f"; 2 workers / 1 worker: {rates[2] / rates[1]:.2f}", end="")
-            print()
+        print(f"\n{os.cpu_count()} cores on this machine, 1 CPU for all workers together")
+        for data in a.data.split(","):
+            if (data, 1) in rates:
+                print(f"data_in_memory={data}: Ray+DeepSpeed overhead at 1 worker {plain1 / rates[data, 1] - 1:+.0%}",
+                      end="")
+                if (data, 2) in rates:
+                    print(f"; 2 workers / 1 worker: {rates[data, 2] / rates[data, 1]:.2f}", end="")
+                print()
         if a.gpu:
             if not torch.cuda.is_available():
                 print("\n--gpu: no CUDA device here; GPU rows not measured")

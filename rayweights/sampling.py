@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from .blocks import LayoutError, WeightLayout
+from .runtime import worker_env
 from .storage import StorageError, check_writable, exists, read_bytes, resolve, write_bytes_atomic
 
 __all__ = ["SampleConfig", "DiffusionBlockSampler", "GaussianWeightSampler", "FolderSampler", "load_sampler",
@@ -508,7 +509,7 @@ def sample_weights(cfg: SampleConfig, address: str | None = None, show_progress:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     conds = list(cfg.conditions)
     rows = [{"condition": c, "unconditional": False} for c in conds] or [{"condition": "", "unconditional": True}]
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAYWEIGHTS_"))}
+    env = worker_env()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = show_progress
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))

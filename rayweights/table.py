@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .blocks import LayoutError, WeightLayout
+from .runtime import worker_env
 from .storage import (Location, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve,
                       write_bytes_atomic)
 
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 LAYOUT_FILE = "layout.json"
 CURRENT_FILE = "_manifest/CURRENT"
 MANIFEST_VERSION = "rayweights.manifest/1"
-_S3_ENV = ("RAYWEIGHTS_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-           "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 
 
 class ZooError(RuntimeError):
@@ -304,8 +303,9 @@ class _FileReader:
                  columns: Sequence[str] | None):
         self.root_uri, self.unit = root_uri, unit
         self.num_blocks, self.block_size, self.columns = num_blocks, block_size, columns
-        # the driver's S3 settings travel with the UDF (workers may have started before they were set)
-        self.env = {k: v for k, v in os.environ.items() if k in _S3_ENV}
+        # the driver's S3 settings (never credentials) travel with the UDF: workers may have started before
+        # they were set
+        self.env = worker_env()
         self._root: Location | None = None
 
     def __call__(self, batch: dict) -> dict:

@@ -33,6 +33,12 @@ def torch_one_thread():
     torch.set_num_threads(n)
 
 
+# moto accepts any credentials. They are in the environment from the start, so every Ray that the tests
+# start inherits them, as a cluster node has its own credential chain: rayweights never sends them through Ray.
+for _k, _v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+    os.environ.setdefault(_k, _v)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 for the whole session; sets the AWS environment."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_train_generator_job_exit_codes(ray_local, tmp_path, zoo_uri, capsys):
 def test_train_generator_through_ray_job_submit(ray_head_cluster, tmp_path, zoo_uri):
     """`ray job submit -- python jobs/train_generator.py ...` against a running `ray start --head`."""
     job = ray_head_cluster.submit([
-        "python", "jobs/train_generator.py", "--config", "jobs/configs/pdiff_tiny.yaml", "--no-progress",
+        sys.executable, "jobs/train_generator.py", "--config", "jobs/configs/pdiff_tiny.yaml", "--no-progress",
         "--output", str(tmp_path), "--set", f"zoo={zoo_uri}", "--set", "num_workers=1", "--set", "zero_stage=1",
         "--set", "batch_size=4", "--set", "stages={autoencoder: {steps: 4}, diffusion: {steps: 4}}",
         "--set", "checkpoint_every=4"])

@@ -91,6 +91,10 @@ class GeneratorTrainConfig:
     # data and conditions
     stats_members: int = 256                     # members used to fit per-group normalisation stats
     shuffle_buffer: int = 0                      # rows in each worker's local shuffle buffer (0: 8 batches)
+    # auto: a worker whose shard of the table is <= in_memory_max_mb reads it once and reshuffles it in memory
+    # every epoch (no Ray Data pipeline per epoch); larger shards stream from the table. always | never force it.
+    data_in_memory: str = "auto"
+    in_memory_max_mb: float = 2048.0
     text_encoder: str = "default"                # HF name or path; default = packaged MiniLM
     dataset_samples_per_class: int = 10          # D2NWG: samples per class in a dataset's feature sets
     fault_injection: FaultInjection = field(default_factory=FaultInjection)
@@ -123,6 +127,10 @@ class GeneratorTrainConfig:
             raise ValueError(f"precision: {self.precision!r} is not auto, bf16 or fp32")
         if self.lr_schedule not in ("constant", "linear_decay", "cosine"):
             raise ValueError(f"lr_schedule: {self.lr_schedule!r} is not constant, linear_decay or cosine")
+        if self.data_in_memory not in ("auto", "always", "never"):
+            raise ValueError(f"data_in_memory: {self.data_in_memory!r} is not auto, always or never")
+        if self.in_memory_max_mb < 0:
+            raise ValueError(f"in_memory_max_mb: must be >= 0, got {self.in_memory_max_mb}")
         for f in ("num_workers", "steps", "batch_size", "gradient_accumulation", "checkpoint_every", "log_every",
                   "stats_members", "dataset_samples_per_class"):
             if getattr(self, f) < 1:

@@ -11,7 +11,7 @@ import torch
 from ..blocks import WeightLayout
 from ..table import Zoo
 
-__all__ = ["fit_stats", "stage_dataset", "num_rows", "sample_weights_for_stats"]
+__all__ = ["fit_stats", "stage_dataset", "num_rows", "sample_weights_for_stats", "shard_megabytes", "InMemoryShard"]
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +65,30 @@ def stage_dataset(zoo: Zoo, unit: str, condition_names: Sequence[str]):
     index = {c: i for i, c in enumerate(condition_names)}
     return ds.map_batches(_add_condition_ids, fn_kwargs={"unit": unit, "index": index},
                           batch_format="numpy", zero_copy_batch=True).randomize_block_order()
+
+
+def shard_megabytes(zoo: Zoo, unit: str, num_workers: int) -> float:
+    """Size of one worker's shard of the training rows in memory (float32 weights + int64 ids)."""
+    L = zoo.layout
+    row = (L.block_size * 4 + 16) if unit == "block" else (L.num_blocks * L.block_size * 4 + 8)
+    return num_rows(zoo, unit) * row / max(1, num_workers) / 2**20
+
+
+class InMemoryShard:
+    """A worker's shard read once from its Ray Data iterator, then served as shuffled micro-batches from
+    memory every epoch: what a plain torch loop does, for shards that fit (``data_in_memory``)."""
+
+    def __init__(self, shard, read_batch: int = 8192):
+        parts: dict[str, list[torch.Tensor]] = {}
+        for b in shard.iter_torch_batches(batch_size=read_batch, prefetch_batches=2):
+            for k, v in b.items():
+                parts.setdefault(k, []).append(v)
+        self.data = {k: torch.cat(v) for k, v in parts.items()}
+        self.rows = len(next(iter(self.data.values()))) if self.data else 0
+
+    def epoch(self, batch_size: int, seed: int):
+        """Full micro-batches of one epoch in a seeded random order (the incomplete tail is dropped)."""
+        perm = torch.randperm(self.rows, generator=torch.Generator().manual_seed(seed))
+        for i in range(0, self.rows - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            yield {k: v[idx] for k, v in self.data.items()}

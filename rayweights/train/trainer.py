@@ -29,6 +29,7 @@ from typing import Any
 
 
 from ..blocks import WeightLayout
+from ..runtime import worker_env
 from ..storage import StorageError, check_writable, exists, list_files, read_bytes, resolve, write_bytes_atomic
 from .config import GeneratorTrainConfig, resolved_stage
 
@@ -36,7 +37,6 @@ __all__ = ["train_generator", "preflight", "TrainError", "TrainResult", "Plan"]
 
 log = logging.getLogger(__name__)
 
-_ENV = ("AWS_", "RAYWEIGHTS_", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 class TrainError(RuntimeError):
@@ -223,17 +223,22 @@ def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> di
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from .data import stage_dataset
+    from .data import shard_megabytes, stage_dataset
     from .worker import MODEL_DIR, train_loop_per_worker
 
     cfg, method = plan.cfg, plan.method
     sc = resolved_stage(cfg, stage)
     gpu = cfg.use_gpu
+    shard_mb = shard_megabytes(plan.zoo, method.stage_unit[stage], cfg.num_workers)
+    in_memory = cfg.data_in_memory == "always" or (cfg.data_in_memory == "auto" and shard_mb <= cfg.in_memory_max_mb)
+    log.info("stage %s: %.1f MB of rows per worker: %s", stage, shard_mb,
+             "read once, reshuffled in memory each epoch" if in_memory else "streamed from the table each epoch")
     loop_cfg = {
+        "in_memory": in_memory,
         "train": {**dataclasses.asdict(cfg), "run_uri": plan.run_uri},
         "stage": stage, "stage_cfg": sc, "bf16": cfg.bf16(gpu), "first_stage": cfg.train_stages[0],
         "method_state": method.to_state(),
-        "env": {k: v for k, v in os.environ.items() if k.startswith(_ENV)},
+        "env": worker_env(),
     }
     ds = stage_dataset(plan.zoo, method.stage_unit[stage], method.condition_names)
     run_loc = resolve(plan.run_uri)

@@ -33,6 +33,13 @@ MODEL_DIR = "model"
 
 
 # ----------------------------------------------------------------------------- DeepSpeed helpers
+def effective_zero_stage(stage: int, world_size: int) -> int:
+    """ZeRO-1/2 partition optimiser state and gradients across ranks: with one rank there is nothing to
+    partition, and their flat-buffer copies only cost time (measured: bench/bench_train.py), so a single
+    worker runs ZeRO-0. ZeRO-3 is kept: it is also how a model larger than one device is initialised."""
+    return 0 if world_size == 1 and stage in (1, 2) else stage
+
+
 def deepspeed_config(stage_cfg: dict, cfg: dict, world_size: int, bf16: bool) -> dict:
     """The DeepSpeed config of one stage (global batch = micro x accumulation x world size)."""
     accum = int(cfg["gradient_accumulation"])
@@ -48,7 +55,7 @@ def deepspeed_config(stage_cfg: dict, cfg: dict, world_size: int, bf16: bool) ->
     else:
         sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": steps, "warmup_num_steps": max(1, warm),
                                                       "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0}}
-    zero: dict = {"stage": int(cfg["zero_stage"])}
+    zero: dict = {"stage": effective_zero_stage(int(cfg["zero_stage"]), world_size)}
     if zero["stage"] == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False, "contiguous_gradients": True,
                      "overlap_comm": True})
@@ -154,6 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from ..generators.methods import GeneratorMethod
+    from .data import InMemoryShard
 
     cfg, stage, sc = config["train"], config["stage"], config["stage_cfg"]
     for k, v in config.get("env", {}).items():
@@ -207,12 +215,15 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     micro = ds_cfg["train_micro_batch_size_per_gpu"]
     buffer = int(cfg.get("shuffle_buffer") or 0) or 8 * micro
+    memory = InMemoryShard(shard) if config.get("in_memory") else None
     first_stage = config["first_stage"]
     loss_sum, loss_n, t_last, step_last, epoch = 0.0, 0, time.perf_counter(), step, 0
     while step < total:
         got = 0
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer,
-                                              local_shuffle_seed=int(cfg["seed"]) * 7919 + epoch * 31 + rank):
+        seed = int(cfg["seed"]) * 7919 + epoch * 31 + rank
+        batches = memory.epoch(micro, seed) if memory is not None else shard.iter_torch_batches(
+            batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=seed)
+        for batch in batches:
             got += 1
             inputs = method.prepare(stage, batch, device)
             loss = engine(**inputs)

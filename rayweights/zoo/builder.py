@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from ..blocks import LayoutError, WeightLayout
 from ..config import from_dict, to_dict
+from ..runtime import worker_env
 from ..table import CheckpointRecord, ZooError, ZooWriter
 from . import families
 from .families import Task, get_family
@@ -201,11 +202,6 @@ class _MemberTrainer:
         return out
 
 
-_ENV = ("RAYWEIGHTS_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
-        "TRANSFORMERS_OFFLINE")
-
-
 def prepare(spec: ZooSpec) -> tuple[ZooWriter, list[dict], list[Task]]:
     """Validate everything that can fail before training: tasks, data, layout, output URI.
     Raises ValueError('<field>: why'); creates the zoo's layout.json on success."""
@@ -241,7 +237,7 @@ def _run_shared(spec: ZooSpec, use_ray: bool) -> dict:
         return fam.prepare(spec, families.resolve_device(spec))
     import ray
 
-    env = {k: v for k, v in os.environ.items() if k in _ENV}
+    env = worker_env()
     remote = ray.remote(num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus or None,
                         max_retries=spec.max_retries)(_shared_task)
     return ray.get(remote.remote(to_dict(spec), env))
@@ -282,7 +278,7 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, p
         shared = _run_shared(spec, use_ray=True)
         workers = max(1, min(spec.resources.workers, len(todo)))
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        env = {k: v for k, v in os.environ.items() if k in _ENV}
+        env = worker_env()
         ds = ds.map_batches(_MemberTrainer, batch_size=1,
                             fn_constructor_kwargs={"spec": to_dict(spec), "layout_json": writer.layout.to_json(),
                                                    "env": env},
