@@ -38,13 +38,13 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .config import ConfigError, from_dict, load_config, override_value, read_yaml, to_dict
+from .errors import expected, job_main
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "run_trial", "retokenize_zoo", "load_pipeline_config",
            "resolve_path", "DEFAULT_CONFIG_NOTE"]
@@ -682,13 +682,10 @@ def resolve_uri(base: str, *parts: str) -> str:
     return resolve(base).join(*parts).uri
 
 
+@job_main
 def main(argv: Sequence[str] | None = None) -> int:
     """``run-all``: ``python jobs/run_all.py [--config PIPELINE.yaml] [--set k=v ...] [--output DIR]``."""
-    from .blocks import LayoutError
     from .config import job_argparser, job_overrides
-    from .evaluation.adapters import AdapterError
-    from .sampling import SamplingError
-    from .storage import StorageError
 
     p = job_argparser("The whole pipeline: build a zoo, train a generator, evaluate it on held-out tasks "
                       f"(default: {DEFAULT_CONFIG_NOTE})", config_required=False)
@@ -700,18 +697,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     diffusers_logging.set_verbosity_error()        # no per-model-load advice on the console
     for noisy in ("ray.data", "ray.train", "ray.tune", "DeepSpeed", "deepspeed", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
+    with expected(ValueError, KeyError):
         cfg = load_pipeline_config(a.config, job_overrides(a))
         _Stages(cfg, a.address, False)             # all three stage configs are checked here
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run_pipeline(cfg, show_progress=not a.no_progress, address=a.address)
-    except (ConfigError, StorageError, SamplingError, AdapterError, LayoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    run_pipeline(cfg, show_progress=not a.no_progress, address=a.address)
     return 0

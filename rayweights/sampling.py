@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ import torch
 
 from .blocks import LayoutError, WeightLayout
 from .storage import StorageError, check_writable, exists, read_bytes, resolve, write_bytes_atomic
+from .errors import UserError, job_main
 
 __all__ = ["SampleConfig", "DiffusionBlockSampler", "GaussianWeightSampler", "FolderSampler", "load_sampler",
            "register_sampler_loader", "one_step_recover", "reassemble", "save_state_dict", "load_state_dict",
@@ -62,7 +62,7 @@ SAMPLER_FILE = "sampler.json"
 INDEX_VERSION = "rayweights.samples/1"
 
 
-class SamplingError(RuntimeError):
+class SamplingError(UserError, RuntimeError):
     """A generator export, condition or output cannot be used (the message names it)."""
 
 
@@ -538,26 +538,19 @@ def sample_weights(cfg: SampleConfig, address: str | None = None, show_progress:
     return entries
 
 
+@job_main
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError, job_argparser, job_overrides, load_config
 
     p = job_argparser("Sample weights for conditions from a trained generator; write safetensors state_dicts.",
                       config_required=False)
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(SampleConfig, args.config, job_overrides(args))
-        if not cfg.generator:
-            raise ConfigError("generator: required (a generator export or sampler folder)")
-        if not cfg.output:
-            raise ConfigError("output: required (--output or --set output=...)")
-    except (ConfigError, SamplingError, LayoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        entries = sample_weights(cfg, args.address)
-    except (SamplingError, LayoutError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(SampleConfig, args.config, job_overrides(args))
+    if not cfg.generator:
+        raise ConfigError("generator: required (a generator export or sampler folder)")
+    if not cfg.output:
+        raise ConfigError("output: required (--output or --set output=...)")
+    entries = sample_weights(cfg, args.address)
     n_cond = len({e["condition"] for e in entries})
     print(f"wrote {len(entries)} weight set(s) for {n_cond} condition(s) to {cfg.output} "
           f"(method {cfg.method}{', t=' + str(cfg.t) if cfg.method == 'one_step' else ', steps=' + str(cfg.steps)}; "

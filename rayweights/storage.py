@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+from .errors import UserError
 
 __all__ = ["Location", "resolve", "join", "write_bytes_atomic", "read_bytes", "exists",
            "StorageError", "check_writable", "s3_endpoint"]
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A URI cannot be resolved, read or written (the message names the URI)."""
 
 

@@ -29,12 +29,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, from_dict, read_yaml
+from .errors import job_main
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,7 @@ def write_results(space: SweepSpace, grid, output: str):
     return df, paths
 
 
+@job_main
 def main(argv=None) -> int:
     import argparse
 
@@ -262,11 +263,7 @@ def main(argv=None) -> int:
     p.add_argument("--address", default=None)
     p.add_argument("--fresh", action="store_true", help="do not resume an earlier run of this sweep")
     a = p.parse_args(argv)
-    try:
-        space = load_space(a.space, a.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    space = load_space(a.space, a.overrides)
     df, paths = run_sweep(space, a.output, a.address, resume=not a.fresh)
     print(f"results: {paths['markdown']}  plot: {paths['plot']}")
     return 0 if (df["status"] == "ok").any() else 1

@@ -70,7 +70,8 @@ def test_s3_round_trip_matches_local(tmp_path, s3_uri):
     assert s3.version == 1
     check_exact(s3, sds)
     assert torch.equal(s3.blocks(), local.blocks())
-    assert s3.members.drop(["file"]).equals(local.members.drop(["file"]))
+    # files hold the zoo name (its folder), so their checksums differ between the two locations
+    assert s3.members.drop(["file", "sha256", "size"]).equals(local.members.drop(["file", "sha256", "size"]))
     # pyarrow reads the S3 files as is
     import pyarrow.parquet as pq
     t = pq.read_table(s3.root.join(s3.members.column("file")[0].as_py()).path, filesystem=s3.root.fs)

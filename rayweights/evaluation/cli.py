@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -25,6 +24,7 @@ from ..storage import StorageError, check_writable, resolve, write_bytes_atomic
 from .adapters import AdapterError, make_adapter
 from .core import ALL_INITS, EvalOptions, TaskResult, ZooReference, evaluate_task
 from .report import write_report
+from ..errors import job_main
 
 __all__ = ["EvaluateConfig", "evaluate", "main", "resolve_defaults", "validate"]
 
@@ -59,8 +59,17 @@ class EvaluateConfig:
     sample_concurrency: int = 1
     sample_chunk_blocks: int = 0
     seed: int = 0
+    allow_import: bool = False         # a config is trusted input only when it says so: module:factory imports code
 
     def __post_init__(self):
+        from ..config import check_import_allowed
+
+        if ":" in self.family:
+            check_import_allowed(self.family, "family", self.allow_import)
+        for name, fx in (("feature_extractor", self.feature_extractor),
+                         ("family_options.feature_extractor", self.family_options.get("feature_extractor", ""))):
+            if isinstance(fx, str) and fx.startswith("module:"):
+                check_import_allowed(fx, name, self.allow_import)
         if self.generator and self.samples:
             raise ValueError("generator/samples: give one of them, not both")
         if self.method not in ("one_step", "ddim", "ddpm"):
@@ -154,7 +163,7 @@ def validate(cfg: EvaluateConfig) -> None:
             make_adapter(cfg.family, c, zoo, _family_options(cfg))
         except AdapterError as exc:
             raise ConfigError(str(exc)) from exc
-    from ..sampling import FolderSampler, SamplingError, load_sampler
+    from ..sampling import FolderSampler, load_sampler
 
     try:
         if cfg.samples:
@@ -225,21 +234,14 @@ def evaluate(cfg: EvaluateConfig, address: str | None = None, show_progress: boo
             "report": out_root.join("report.md").uri}
 
 
+@job_main
 def main(argv: Sequence[str] | None = None) -> int:
     p = job_argparser("Fine-tune generated vs baseline initialisations on held-out tasks; write the report.",
                       config_required=False)
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(EvaluateConfig, args.config, job_overrides(args))
-        cfg = resolve_defaults(cfg)
-        validate(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        summary = evaluate(cfg, args.address)
-    except (ConfigError, LayoutError, StorageError, AdapterError, SamplingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(EvaluateConfig, args.config, job_overrides(args))
+    cfg = resolve_defaults(cfg)
+    validate(cfg)
+    summary = evaluate(cfg, args.address)
     print(f"report: {summary['report']}")
     return 0

@@ -31,16 +31,21 @@ from typing import Any
 from ..blocks import WeightLayout
 from ..storage import StorageError, check_writable, exists, list_files, read_bytes, resolve, write_bytes_atomic
 from .config import GeneratorTrainConfig, resolved_stage
+from ..errors import JobFailed, UserError
 
-__all__ = ["train_generator", "preflight", "TrainError", "TrainResult", "Plan"]
+__all__ = ["train_generator", "preflight", "TrainError", "TrainFailed", "TrainResult", "Plan"]
 
 log = logging.getLogger(__name__)
 
 _ENV = ("AWS_", "RAYWEIGHTS_", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """Training cannot start or failed (the message names the field, file or stage)."""
+
+
+class TrainFailed(JobFailed, TrainError):
+    """A training stage started and failed (exit 1, one line naming the stage)."""
 
 
 @dataclass
@@ -258,7 +263,7 @@ def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> di
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; name the stage
         drain.finish()
-        raise TrainError(f"stage {stage}: training failed: {exc}") from exc
+        raise TrainFailed(f"stage {stage}: training failed: {exc}") from exc
     finally:
         records.extend(records_stage)
     drain.finish()
@@ -267,13 +272,13 @@ def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> di
     except Exception:  # noqa: BLE001
         pass
     if getattr(result, "error", None) is not None:
-        raise TrainError(f"stage {stage}: training failed: {result.error}")
+        raise TrainFailed(f"stage {stage}: training failed: {result.error}")
     ckpt = result.checkpoint
     if ckpt is None:
-        raise TrainError(f"stage {stage}: the run ended without a checkpoint")
+        raise TrainFailed(f"stage {stage}: the run ended without a checkpoint")
     src = ckpt.path.rstrip("/") + "/" + MODEL_DIR
     if ckpt.filesystem.get_file_info(src).type == pafs.FileType.NotFound:
-        raise TrainError(f"stage {stage}: the last checkpoint {ckpt.path} has no {MODEL_DIR}/ (training did not finish)")
+        raise TrainFailed(f"stage {stage}: the last checkpoint {ckpt.path} has no {MODEL_DIR}/ (training did not finish)")
     key = method.stage_model[stage]
     dest = run_loc.join("stages", key)
     if not dest.is_s3:
