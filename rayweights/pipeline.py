@@ -225,6 +225,11 @@ def eval_config_of(cfg: PipelineConfig, zoo_uri: str = "", generator_uri: str = 
         raise ConfigError(f"eval_set: {exc}") from exc
 
 
+def check_stages(cfg: PipelineConfig):
+    """Every stage config of ``cfg`` resolved and validated (ConfigError naming the field), no work done."""
+    return _check(cfg)
+
+
 def _check(cfg: PipelineConfig):
     """Resolve and validate every stage config before any work (raises ConfigError naming the field)."""
     spec = zoo_spec_of(cfg)

@@ -399,6 +399,7 @@ class SampleConfig:
     chunk_blocks: int = 0              # rows per forward (0 = all blocks of all n samples at once)
     device: str = "auto"
     dtype: str = "float32"             # float32 | bfloat16 | float16 (autocast of the denoiser)
+    label_conditions: bool = False     # an unconditional generator: conditions only name the sample folders
 
     def __post_init__(self):
         if self.method not in ("one_step", "ddim", "ddpm"):
@@ -474,6 +475,16 @@ def _sampler_layout(cfg: SampleConfig) -> WeightLayout:
                      cfg.layout or None)
     if s.normalized and not s.layout.has_stats:
         raise SamplingError(f"generator: {cfg.generator} produces normalised blocks but its layout has no stats")
+    if cfg.layout:                       # given explicitly: it must be the generator's, never silently ignored
+        given = _read_layout(cfg.layout)
+        if not given.same_structure(s.layout):
+            raise SamplingError(f"layout: {cfg.layout} ({given.num_blocks} blocks x {given.block_size}) does not match "
+                                f"the generator's layout ({s.layout.num_blocks} x {s.layout.block_size})")
+    method = getattr(s, "method", None)
+    unconditional = method is not None and getattr(method, "conditioning", "") is None
+    if cfg.conditions and not cfg.label_conditions and unconditional:
+        raise SamplingError(f"conditions: generator {cfg.generator} ({getattr(method, 'name', '?')}) is unconditional; "
+                            f"give no conditions (got {cfg.conditions[0]!r}), or set label_conditions: true")
     return s.layout
 
 

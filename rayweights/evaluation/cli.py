@@ -205,7 +205,8 @@ def evaluate(cfg: EvaluateConfig, address: str | None = None, show_progress: boo
         samples_uri = resolve(cfg.output).join("samples").uri
         sample_weights(SampleConfig(generator=cfg.generator, conditions=list(cfg.tasks), num_samples=cfg.num_samples,
                                     method=cfg.method, t=cfg.t, steps=cfg.steps, seed=cfg.seed, output=samples_uri,
-                                    concurrency=cfg.sample_concurrency, chunk_blocks=cfg.sample_chunk_blocks),
+                                    concurrency=cfg.sample_concurrency, chunk_blocks=cfg.sample_chunk_blocks,
+                                    label_conditions=True),
                        show_progress=show_progress)
     if cfg.parallel:
         remote = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.num_gpus)(_evaluate_one)

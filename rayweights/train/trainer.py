@@ -96,6 +96,17 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
         zoo = open_zoo(cfg.zoo)
     except (ZooError, StorageError) as exc:
         raise TrainError(f"zoo: {exc}") from exc
+    if zoo.corrupt_entries:
+        log.warning("zoo %s: %d corrupt manifest entr(y/ies) left out: %s", zoo.uri, len(zoo.corrupt_entries),
+                    ", ".join(sorted(zoo.corrupt_entries)[:10]))
+    bad = zoo.verify("footer")              # cheap: one footer read per file the run will read
+    if bad:
+        names = ", ".join(str(b) for b in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        if not cfg.skip_bad_members:
+            raise TrainError(f"zoo: {len(bad)} member file(s) fail the check: {names}; rebuild them (build-zoo "
+                             "resumes only those), or set skip_bad_members: true")
+        log.warning("zoo %s: skipping %d bad member(s) (skip_bad_members): %s", zoo.uri, len(bad), names)
+        zoo = zoo.without(b.member_id for b in bad)
     if len(zoo) == 0:
         raise TrainError(f"zoo: {zoo.uri} has no members (empty table); build the zoo first")
     from ..generators.methods import METHODS
