@@ -176,6 +176,10 @@ def _check_override_key(cls: Any, key: str) -> None:
             if len(inner) != 1:
                 return
             tp = inner[0]
+        if get_origin(tp) in (dict, Mapping, typing.Mapping) and len(get_args(tp)) == 2:
+            tp = get_args(tp)[1]            # any key of a mapping; its values are checked below it
+            done.append(part)
+            continue
         if not dataclasses.is_dataclass(tp):
             return                      # a mapping / Any: free-form below this point
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}

@@ -674,10 +674,9 @@ def run_trial(base_config: str, overrides: Sequence[str], trial_dir: str,
     else:
         for metrics in _trial_rounds(cfg, show_progress):
             report(metrics)
-    if "://" not in trial_dir:
-        os.makedirs(trial_dir, exist_ok=True)
-        with open(os.path.join(trial_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1, default=str)
+    from .storage import resolve, write_bytes_atomic
+
+    write_bytes_atomic(resolve(trial_dir).join("metrics.json"), json.dumps(metrics, indent=1, default=str).encode())
     return metrics
 
 

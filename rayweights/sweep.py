@@ -251,7 +251,11 @@ def write_results(space: SweepSpace, grid, output: str):
     df = pd.DataFrame(rows)
     if space.metric in df and df[space.metric].notna().any():
         df = df.sort_values(space.metric, ascending=(space.mode == "min"), na_position="last")
-    md = df.to_markdown(index=False, floatfmt=".4g") if hasattr(df, "to_markdown") else df.to_string(index=False)
+    from .fmt import cell
+
+    cols = list(df.columns)         # our own markdown (pandas' to_markdown needs the optional tabulate)
+    md = "\n".join(["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+                   + ["| " + " | ".join(cell(v, 4, "g") for v in row) + " |" for row in df.itertuples(index=False)])
     title = f"## Sweep `{space.name}`: {space.description or ''} (metric {space.metric}, {space.mode})\n\n"
     text = title + md + "\n"
     from .storage import join, resolve, write_bytes_atomic

@@ -104,13 +104,18 @@ def _evaluate_one(cfg: EvaluateConfig, condition: str, samples_uri: str, show_pr
     return evaluate_task(adapter, sampler, ref, cfg.options(), show_progress=show_progress)
 
 
+DONE_MARKER = "results.json"      # what later stages trust as "this evaluation is complete"
+
+
 def _publish(local_dir: str, uri: str) -> None:
+    """Copy a finished local report folder to ``uri`` file by file, the done marker last: a crash
+    midway never leaves a folder that looks complete with files missing."""
     root = resolve(uri)
-    for dirpath, _, files in os.walk(local_dir):
-        for f in files:
-            rel = os.path.relpath(os.path.join(dirpath, f), local_dir)
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                write_bytes_atomic(root.join(*rel.split(os.sep)), fh.read())
+    rels = sorted(os.path.relpath(os.path.join(d, f), local_dir) for d, _, fs in os.walk(local_dir) for f in fs)
+    rels.sort(key=lambda rel: rel == DONE_MARKER)          # stable: the marker moves to the end
+    for rel in rels:
+        with open(os.path.join(local_dir, rel), "rb") as fh:
+            write_bytes_atomic(root.join(*rel.split(os.sep)), fh.read())
 
 
 def resolve_defaults(cfg: EvaluateConfig) -> EvaluateConfig:
