@@ -92,8 +92,11 @@ class SweepSpace:
 
 
 def load_space(path: str | os.PathLike, overrides=()) -> SweepSpace:
-    from .config import apply_overrides
+    from .config import _check_override_key, apply_overrides
 
+    for item in overrides or ():
+        if "=" in item:
+            _check_override_key(SweepSpace, item.split("=", 1)[0].strip())
     data = apply_overrides(read_yaml(path), overrides)
     try:
         space = from_dict(SweepSpace, data)

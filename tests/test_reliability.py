@@ -152,6 +152,9 @@ def test_unknown_set_key_is_reported_as_from_set():
         load_config(ZooSpec, TINY, ["hparams.lrr=[1,2]"])
     with pytest.raises(ConfigError, match=r"^--set stages\.diffusion\.stepz: unknown key 'stepz'"):
         load_config(GeneratorTrainConfig, PDIFF, ["stages.diffusion.stepz=3"])
+    from rayweights.sweep import load_space
+    with pytest.raises(ConfigError, match=r"^--set metrc: unknown key 'metrc'"):
+        load_space(ROOT / "tune_spaces" / "block_size.yaml", ["metrc=x"])
     # free-form mappings below a field stay free (checked by their owner)
     load_config(GeneratorTrainConfig, PDIFF, ["model.denoiser.layers_per_block=1"])
 

@@ -31,6 +31,10 @@ __all__ = ["EvaluateConfig", "evaluate", "main", "resolve_defaults", "validate"]
 
 @dataclass
 class EvaluateConfig:
+    """The ``evaluate`` config.  A config is trusted input only when it says so: ``family:
+    package.module:factory`` and ``feature_extractor: module:...`` import and run code, and are
+    refused unless ``allow_import: true`` is set."""
+
     zoo: str = ""                      # zoo URI the generator was trained on (required)
     generator: str = ""                # generator export: sampled here ...
     samples: str = ""                  # ... or a sample-weights output folder to reuse

@@ -168,6 +168,9 @@ class ResourceSpec:
 
 @dataclass
 class LearngeneConfig:
+    """The ``learngene`` config.  A config is trusted input only when it says so: ``constructor:
+    package.module:function`` imports and runs code, and is refused unless ``allow_import: true``."""
+
     name: str
     source: SourceSpec
     targets: list[SizeSpec]
