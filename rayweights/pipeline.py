@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .config import ConfigError, from_dict, load_config, override_value, read_yaml, to_dict
-from .errors import expected, job_main
+from .errors import JobFailed, expected, job_main
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "run_trial", "retokenize_zoo", "load_pipeline_config",
            "resolve_path", "DEFAULT_CONFIG_NOTE"]
@@ -375,7 +375,7 @@ class _Stages:
             summary = build_zoo(self.spec, address=self.address, progress=self.show)
             info["build"] = str(summary)
             if summary.failed:
-                raise RuntimeError(f"zoo: {summary.failed} member(s) failed to build ({summary.failures[0][1]}); "
+                raise JobFailed(f"zoo: {summary.failed} member(s) failed to build ({summary.failures[0][1]}); "
                                    f"see {self.source_zoo}/failures/")
         if self.retokenize:
             with _lock(cache_dir, os.path.basename(self.zoo)) if cache_dir else contextlib.nullcontext():
@@ -405,8 +405,8 @@ class _Stages:
         try:
             plan = preflight(tcfg)
             return train_generator(tcfg, address=self.address, show_progress=self.show, plan=plan)
-        except TrainError as exc:
-            raise RuntimeError(f"generator: {exc}") from exc
+        except TrainError as exc:          # bad input (exit 2) or a failed stage (TrainFailed, exit 1)
+            raise type(exc)(f"generator: {exc}") from exc
 
     def last_stage_steps(self) -> int | None:
         """Steps of the finished last stage (its done.json), None if it is not finished."""
