@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
+from .errors import UserError
 
 __all__ = ["WeightLayout", "ParamSpec", "GroupSpec", "LayoutError", "GROUPING_RULES",
            "register_rule", "FORMAT_VERSION"]
@@ -45,7 +46,7 @@ _LORA_RE = re.compile(r"(^|\.)(lora_down|lora_up|lora_A|lora_B|lora_a|lora_b)(\.
 _LORA_NAME_RE = re.compile(r"(^|\.)(lora_down|lora_up|lora_A|lora_B|lora_a|lora_b)(\.|$)")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A state_dict, block tensor or layout file does not match the layout (names the parameter)."""
 
 

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from .errors import UserError
 
 __all__ = ["sinusoidal_encoding", "BlockIndexEmbedding", "TextEncoder", "default_text_encoder_path",
            "ConditionCache", "SetTransformer", "MAB", "SAB", "ISAB", "PMA", "clip_contrastive_loss",
@@ -37,7 +38,7 @@ __all__ = ["sinusoidal_encoding", "BlockIndexEmbedding", "TextEncoder", "default
 log = logging.getLogger(__name__)
 
 
-class ConditioningError(ValueError):
+class ConditioningError(UserError, ValueError):
     """A condition cannot be encoded (unknown dataset, missing encoder, shape mismatch); names it."""
 
 

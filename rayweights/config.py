@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar, Union, get_args, get_origin
 
 import yaml
+from .errors import UserError
 
 T = TypeVar("T")
 
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or of the wrong type (message names the field)."""
 
 
@@ -164,6 +165,31 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def _check_override_key(cls: Any, key: str) -> None:
+    """``--set key=...`` must name a field of ``cls`` (dotted through nested dataclasses); an unknown
+    key is reported as coming from ``--set``, not from the config file."""
+    tp = cls
+    done: list[str] = []
+    for part in key.split("."):
+        while get_origin(tp) is Union or get_origin(tp) is types.UnionType:     # Optional[Dataclass]
+            inner = [a for a in get_args(tp) if a is not type(None)]
+            if len(inner) != 1:
+                return
+            tp = inner[0]
+        if get_origin(tp) in (dict, Mapping, typing.Mapping) and len(get_args(tp)) == 2:
+            tp = get_args(tp)[1]            # any key of a mapping; its values are checked below it
+            done.append(part)
+            continue
+        if not dataclasses.is_dataclass(tp):
+            return                      # a mapping / Any: free-form below this point
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        if part not in fields:
+            where = f" in {'.'.join(done)}" if done else ""
+            raise ConfigError(f"--set {key}: unknown key {part!r}{where} (allowed: {', '.join(sorted(fields))})")
+        tp = typing.get_type_hints(tp)[part]
+        done.append(part)
+
+
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping, in place."""
     for item in overrides or ():
@@ -208,6 +234,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     data: dict = dict(base or {})
     if path is not None:
         data.update(read_yaml(path))
+    for item in overrides or ():
+        if "=" in item and dataclasses.is_dataclass(cls):
+            _check_override_key(cls, item.split("=", 1)[0].strip())
     apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)
@@ -215,6 +244,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from exc
         raise
+
+
+def check_import_allowed(value: Any, field: str, allow_import: bool) -> None:
+    """Configs are trusted input only when they say so: a ``module:factory`` value imports code,
+    which is refused unless the config sets ``allow_import: true``.  Raises ``ValueError`` naming
+    ``field`` (a one-line ConfigError at load)."""
+    if not allow_import:
+        raise ValueError(f"{field}: {value!r} would import and run code (module:factory); set allow_import: true "
+                         "in this config if you trust it")
 
 
 def override_value(v: Any) -> str:

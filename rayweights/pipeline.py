@@ -38,13 +38,13 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .config import ConfigError, from_dict, load_config, override_value, read_yaml, to_dict
+from .errors import JobFailed, expected, job_main
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "run_trial", "retokenize_zoo", "load_pipeline_config",
            "resolve_path", "DEFAULT_CONFIG_NOTE"]
@@ -225,6 +225,11 @@ def eval_config_of(cfg: PipelineConfig, zoo_uri: str = "", generator_uri: str = 
         raise ConfigError(f"eval_set: {exc}") from exc
 
 
+def check_stages(cfg: PipelineConfig):
+    """Every stage config of ``cfg`` resolved and validated (ConfigError naming the field), no work done."""
+    return _check(cfg)
+
+
 def _check(cfg: PipelineConfig):
     """Resolve and validate every stage config before any work (raises ConfigError naming the field)."""
     spec = zoo_spec_of(cfg)
@@ -370,7 +375,7 @@ class _Stages:
             summary = build_zoo(self.spec, address=self.address, progress=self.show)
             info["build"] = str(summary)
             if summary.failed:
-                raise RuntimeError(f"zoo: {summary.failed} member(s) failed to build ({summary.failures[0][1]}); "
+                raise JobFailed(f"zoo: {summary.failed} member(s) failed to build ({summary.failures[0][1]}); "
                                    f"see {self.source_zoo}/failures/")
         if self.retokenize:
             with _lock(cache_dir, os.path.basename(self.zoo)) if cache_dir else contextlib.nullcontext():
@@ -400,8 +405,8 @@ class _Stages:
         try:
             plan = preflight(tcfg)
             return train_generator(tcfg, address=self.address, show_progress=self.show, plan=plan)
-        except TrainError as exc:
-            raise RuntimeError(f"generator: {exc}") from exc
+        except TrainError as exc:          # bad input (exit 2) or a failed stage (TrainFailed, exit 1)
+            raise type(exc)(f"generator: {exc}") from exc
 
     def last_stage_steps(self) -> int | None:
         """Steps of the finished last stage (its done.json), None if it is not finished."""
@@ -669,10 +674,9 @@ def run_trial(base_config: str, overrides: Sequence[str], trial_dir: str,
     else:
         for metrics in _trial_rounds(cfg, show_progress):
             report(metrics)
-    if "://" not in trial_dir:
-        os.makedirs(trial_dir, exist_ok=True)
-        with open(os.path.join(trial_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1, default=str)
+    from .storage import resolve, write_bytes_atomic
+
+    write_bytes_atomic(resolve(trial_dir).join("metrics.json"), json.dumps(metrics, indent=1, default=str).encode())
     return metrics
 
 
@@ -682,13 +686,10 @@ def resolve_uri(base: str, *parts: str) -> str:
     return resolve(base).join(*parts).uri
 
 
+@job_main
 def main(argv: Sequence[str] | None = None) -> int:
     """``run-all``: ``python jobs/run_all.py [--config PIPELINE.yaml] [--set k=v ...] [--output DIR]``."""
-    from .blocks import LayoutError
     from .config import job_argparser, job_overrides
-    from .evaluation.adapters import AdapterError
-    from .sampling import SamplingError
-    from .storage import StorageError
 
     p = job_argparser("The whole pipeline: build a zoo, train a generator, evaluate it on held-out tasks "
                       f"(default: {DEFAULT_CONFIG_NOTE})", config_required=False)
@@ -700,18 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     diffusers_logging.set_verbosity_error()        # no per-model-load advice on the console
     for noisy in ("ray.data", "ray.train", "ray.tune", "DeepSpeed", "deepspeed", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
+    with expected(ValueError, KeyError):
         cfg = load_pipeline_config(a.config, job_overrides(a))
         _Stages(cfg, a.address, False)             # all three stage configs are checked here
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run_pipeline(cfg, show_progress=not a.no_progress, address=a.address)
-    except (ConfigError, StorageError, SamplingError, AdapterError, LayoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    run_pipeline(cfg, show_progress=not a.no_progress, address=a.address)
     return 0

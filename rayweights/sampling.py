@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ import torch
 from .blocks import LayoutError, WeightLayout
 from .runtime import worker_env
 from .storage import StorageError, check_writable, exists, read_bytes, resolve, write_bytes_atomic
+from .errors import UserError, job_main
 
 __all__ = ["SampleConfig", "DiffusionBlockSampler", "GaussianWeightSampler", "FolderSampler", "load_sampler",
            "register_sampler_loader", "one_step_recover", "reassemble", "save_state_dict", "load_state_dict",
@@ -63,7 +63,7 @@ SAMPLER_FILE = "sampler.json"
 INDEX_VERSION = "rayweights.samples/1"
 
 
-class SamplingError(RuntimeError):
+class SamplingError(UserError, RuntimeError):
     """A generator export, condition or output cannot be used (the message names it)."""
 
 
@@ -400,6 +400,7 @@ class SampleConfig:
     chunk_blocks: int = 0              # rows per forward (0 = all blocks of all n samples at once)
     device: str = "auto"
     dtype: str = "float32"             # float32 | bfloat16 | float16 (autocast of the denoiser)
+    label_conditions: bool = False     # an unconditional generator: conditions only name the sample folders
 
     def __post_init__(self):
         if self.method not in ("one_step", "ddim", "ddpm"):
@@ -475,6 +476,16 @@ def _sampler_layout(cfg: SampleConfig) -> WeightLayout:
                      cfg.layout or None)
     if s.normalized and not s.layout.has_stats:
         raise SamplingError(f"generator: {cfg.generator} produces normalised blocks but its layout has no stats")
+    if cfg.layout:                       # given explicitly: it must be the generator's, never silently ignored
+        given = _read_layout(cfg.layout)
+        if not given.same_structure(s.layout):
+            raise SamplingError(f"layout: {cfg.layout} ({given.num_blocks} blocks x {given.block_size}) does not match "
+                                f"the generator's layout ({s.layout.num_blocks} x {s.layout.block_size})")
+    method = getattr(s, "method", None)
+    unconditional = method is not None and getattr(method, "conditioning", "") is None
+    if cfg.conditions and not cfg.label_conditions and unconditional:
+        raise SamplingError(f"conditions: generator {cfg.generator} ({getattr(method, 'name', '?')}) is unconditional; "
+                            f"give no conditions (got {cfg.conditions[0]!r}), or set label_conditions: true")
     return s.layout
 
 
@@ -539,26 +550,19 @@ def sample_weights(cfg: SampleConfig, address: str | None = None, show_progress:
     return entries
 
 
+@job_main
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError, job_argparser, job_overrides, load_config
 
     p = job_argparser("Sample weights for conditions from a trained generator; write safetensors state_dicts.",
                       config_required=False)
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(SampleConfig, args.config, job_overrides(args))
-        if not cfg.generator:
-            raise ConfigError("generator: required (a generator export or sampler folder)")
-        if not cfg.output:
-            raise ConfigError("output: required (--output or --set output=...)")
-    except (ConfigError, SamplingError, LayoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        entries = sample_weights(cfg, args.address)
-    except (SamplingError, LayoutError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(SampleConfig, args.config, job_overrides(args))
+    if not cfg.generator:
+        raise ConfigError("generator: required (a generator export or sampler folder)")
+    if not cfg.output:
+        raise ConfigError("output: required (--output or --set output=...)")
+    entries = sample_weights(cfg, args.address)
     n_cond = len({e["condition"] for e in entries})
     print(f"wrote {len(entries)} weight set(s) for {n_cond} condition(s) to {cfg.output} "
           f"(method {cfg.method}{', t=' + str(cfg.t) if cfg.method == 'one_step' else ', steps=' + str(cfg.steps)}; "

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+from .errors import UserError
 
 __all__ = ["Location", "resolve", "join", "write_bytes_atomic", "read_bytes", "exists",
            "StorageError", "check_writable", "s3_endpoint"]
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A URI cannot be resolved, read or written (the message names the URI)."""
 
 
@@ -182,14 +183,30 @@ def delete(loc: Location) -> None:
 
 
 def check_writable(uri: str) -> Location:
-    """Probe that ``uri`` can be written (write + delete a marker); raise StorageError if not."""
+    """Probe that ``uri`` can be written (write + delete a marker); raise StorageError if not.
+    Leaves nothing behind: local folders the probe had to create are removed again."""
     loc = resolve(uri)
     probe = loc.join(f".rayweights-probe-{uuid.uuid4().hex[:8]}")
+    created = None                       # the top-most local folder the probe creates
+    if not loc.is_s3:
+        d = loc.path.rstrip("/") or "/"
+        while d and not os.path.exists(d) and d != os.path.dirname(d):
+            created, d = d, os.path.dirname(d)
     try:
         write_bytes_atomic(probe, b"ok")
         delete(probe)
-    except StorageError as exc:
-        raise StorageError(f"output {loc.describe()} is not writable: {exc}") from exc
-    except OSError as exc:
-        raise StorageError(f"output {loc.describe()} is not writable: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - S3 clients raise their own types (credentials, missing bucket)
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StorageError(f"output {loc.describe()} is not writable: {why}") from exc
+    finally:
+        if created is not None:
+            d = loc.path.rstrip("/")
+            while True:
+                try:
+                    os.rmdir(d)          # only empty folders: never anything another writer put there
+                except OSError:
+                    break
+                if d == created:
+                    break
+                d = os.path.dirname(d)
     return loc

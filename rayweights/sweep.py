@@ -27,14 +27,15 @@ resumes with ``Tuner.restore``.  Results: a table printed and saved (markdown + 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, from_dict, read_yaml
+from .errors import job_main
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,11 @@ class SweepSpace:
 
 
 def load_space(path: str | os.PathLike, overrides=()) -> SweepSpace:
-    from .config import apply_overrides
+    from .config import _check_override_key, apply_overrides
 
+    for item in overrides or ():
+        if "=" in item:
+            _check_override_key(SweepSpace, item.split("=", 1)[0].strip())
     data = apply_overrides(read_yaml(path), overrides)
     try:
         space = from_dict(SweepSpace, data)
@@ -123,7 +127,7 @@ def _check_keys(space: SweepSpace, path) -> None:
     pipeline config (or its value has the wrong type): one value per key goes through the same
     strict loader the trials use."""
     from .config import load_config, override_value
-    from .pipeline import PipelineConfig
+    from .pipeline import PipelineConfig, check_stages
 
     items = [("fixed", k, v) for k, v in space.fixed.items()]
     items += [("space", k, _example_value(d)) for k, d in space.space.items()]
@@ -133,6 +137,14 @@ def _check_keys(space: SweepSpace, path) -> None:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {section}.{key}: not a valid key/value of the base config "
                               f"{space.base_config} ({exc})") from exc
+    # the values *inside* the stage overrides (fixed.zoo_set / train_set / eval_set) and the stage
+    # configs they produce: checked on one trial config (every fixed value, each searched key's first value)
+    trial = [f"{k}={override_value(v)}" for k, v in space.fixed.items()]
+    trial += [f"{k}={override_value(_example_value(d))}" for k, d in space.space.items()]
+    try:
+        check_stages(load_config(PipelineConfig, space.base_config, trial))
+    except (ConfigError, ValueError) as exc:
+        raise ConfigError(f"{path}: fixed/space: a trial config is invalid: {exc}") from exc
 
 
 def to_tune_space(space: SweepSpace) -> dict:
@@ -165,8 +177,22 @@ def _trainable(params: dict, base_config: str, fixed: dict, output_root: str):
     from .config import override_value
 
     overrides = [f"{k}={override_value(v)}" for k, v in {**fixed, **params}.items()]
-    trial_dir = os.path.join(output_root, "trials", tune.get_context().get_trial_id())
+    from .storage import join
+
+    trial_dir = join(output_root, "trials", tune.get_context().get_trial_id())
     run_trial(base_config, overrides, trial_dir, report=tune.report)
+
+
+def check_output(output: str) -> str:
+    """The sweep's output URI (local folders made absolute), probed for writing before Ray starts."""
+    from .storage import StorageError, check_writable
+
+    output = os.path.abspath(output) if "://" not in output else output
+    try:
+        check_writable(output)
+    except StorageError as exc:
+        raise ConfigError(f"--output: {exc}") from exc
+    return output
 
 
 def run_sweep(space: SweepSpace, output: str, address: str | None = None, resume: bool = True):
@@ -178,13 +204,14 @@ def run_sweep(space: SweepSpace, output: str, address: str | None = None, resume
 
     from .runtime import ray_init
 
+    output = check_output(output)
     ray_init(address)
-    output = os.path.abspath(output) if "://" not in output else output
-    os.makedirs(output, exist_ok=True) if "://" not in output else None
     trainable = tune.with_resources(
         functools.partial(_trainable, base_config=space.base_config, fixed=space.fixed, output_root=output),
         {"cpu": space.resources_per_trial.cpu, "gpu": space.resources_per_trial.gpu})
-    exp_path = os.path.join(output, space.name)
+    from .storage import join
+
+    exp_path = join(output, space.name)
     if resume and tune.Tuner.can_restore(exp_path):
         log.info("resuming sweep %s from %s", space.name, exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
@@ -227,14 +254,19 @@ def write_results(space: SweepSpace, grid, output: str):
     df = pd.DataFrame(rows)
     if space.metric in df and df[space.metric].notna().any():
         df = df.sort_values(space.metric, ascending=(space.mode == "min"), na_position="last")
-    md = df.to_markdown(index=False, floatfmt=".4g") if hasattr(df, "to_markdown") else df.to_string(index=False)
+    from .fmt import cell
+
+    cols = list(df.columns)         # our own markdown (pandas' to_markdown needs the optional tabulate)
+    md = "\n".join(["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+                   + ["| " + " | ".join(cell(v, 4, "g") for v in row) + " |" for row in df.itertuples(index=False)])
     title = f"## Sweep `{space.name}`: {space.description or ''} (metric {space.metric}, {space.mode})\n\n"
     text = title + md + "\n"
-    paths = {"markdown": os.path.join(output, f"{space.name}_results.md"),
-             "csv": os.path.join(output, f"{space.name}_results.csv"),
-             "plot": os.path.join(output, f"{space.name}_results.png")}
-    Path(paths["markdown"]).write_text(text)
-    df.to_csv(paths["csv"], index=False)
+    from .storage import join, resolve, write_bytes_atomic
+
+    paths = {"markdown": join(output, f"{space.name}_results.md"),
+             "csv": join(output, f"{space.name}_results.csv"),
+             "plot": join(output, f"{space.name}_results.png")}
+    write_bytes_atomic(resolve(paths["csv"]), df.to_csv(index=False).encode())
     keys = list(space.space)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if len(df) and space.metric in df:
@@ -245,12 +277,16 @@ def write_results(space: SweepSpace, grid, output: str):
     ax.set_ylabel(space.metric)
     ax.set_title(f"{space.name}: {', '.join(keys)}")
     fig.tight_layout()
-    fig.savefig(paths["plot"], dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    write_bytes_atomic(resolve(paths["plot"]), buf.getvalue())
+    write_bytes_atomic(resolve(paths["markdown"]), text.encode())     # the results table last: the "done" marker
     print(text)
     return df, paths
 
 
+@job_main
 def main(argv=None) -> int:
     import argparse
 
@@ -262,11 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--address", default=None)
     p.add_argument("--fresh", action="store_true", help="do not resume an earlier run of this sweep")
     a = p.parse_args(argv)
-    try:
-        space = load_space(a.space, a.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    space = load_space(a.space, a.overrides)
+    check_output(a.output)                      # before Ray starts
     df, paths = run_sweep(space, a.output, a.address, resume=not a.fresh)
     print(f"results: {paths['markdown']}  plot: {paths['plot']}")
     return 0 if (df["status"] == "ok").any() else 1

@@ -20,12 +20,20 @@ Visibility rules, which make partial writes invisible and reads cheap at 10^4-10
 * compaction writes the new large files, then a new snapshot, then swaps ``CURRENT`` (one atomic
   object write): a reader sees the old files or the new ones, never a mix.
 
+Integrity: every manifest entry records its file's ``sha256`` and ``size`` (bytes) and the
+member's ``num_rows``.  :meth:`Zoo.verify` checks the live files against them (``level="footer"``:
+Parquet footer and row count, one small read per file, the training pre-flight; ``"checksum"``:
+the whole file's sha256 as well, ``rayweights zoo-info --verify`` and a build's resume, which
+rebuilds exactly the members that fail).  A manifest entry that cannot be parsed is reported by
+name (:attr:`Zoo.corrupt_entries`) and left out; the rest of the zoo stays readable.
+
 Rows (one per weight block): ``zoo, task_id, condition, member_id, seed, checkpoint (int32),
 group (int32), block_index (int32, global), block (fixed_size_list<float32>[block_size])``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -45,8 +53,9 @@ from .blocks import LayoutError, WeightLayout
 from .runtime import worker_env
 from .storage import (Location, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve,
                       write_bytes_atomic)
+from .errors import UserError, check_id, job_main
 
-__all__ = ["ZooWriter", "CheckpointRecord", "open_zoo", "Zoo", "ZooError", "compact_zoo", "block_schema"]
+__all__ = ["ZooWriter", "CheckpointRecord", "open_zoo", "Zoo", "ZooError", "BadMember", "compact_zoo", "block_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +64,7 @@ CURRENT_FILE = "_manifest/CURRENT"
 MANIFEST_VERSION = "rayweights.manifest/1"
 
 
-class ZooError(RuntimeError):
+class ZooError(UserError, RuntimeError):
     """A zoo cannot be written or read (the message names the member or file)."""
 
 
@@ -83,9 +92,23 @@ _SNAPSHOT_SCHEMA = pa.schema([
     ("hparams", pa.string()),
     ("file", pa.string()),
     ("num_rows", pa.int64()),
+    ("sha256", pa.string()),          # of the member's file ("" in zoos written before checksums)
+    ("size", pa.int64()),             # bytes of the member's file (-1: unknown)
     ("entry_mtime_ns", pa.int64()),
 ])
 MEMBER_COLUMNS = [f.name for f in _SNAPSHOT_SCHEMA if f.name != "entry_mtime_ns"]
+
+
+@dataclass(frozen=True)
+class BadMember:
+    """A member that fails verification: its id, its file (relative to the zoo root) and why."""
+
+    member_id: str
+    file: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.member_id} ({self.file}): {self.problem}"
 
 
 @dataclass
@@ -99,9 +122,10 @@ class CheckpointRecord:
 
 
 def _safe_key(value: str, what: str) -> str:
-    if not value or "/" in value or value in (".", "..") or "\n" in value:
-        raise ZooError(f"{what} {value!r} is not usable in a storage key (no '/', not empty)")
-    return value
+    try:
+        return check_id(value, what)
+    except ValueError as exc:
+        raise ZooError(str(exc)) from None
 
 
 def _read_layout(root: Location) -> WeightLayout:
@@ -182,12 +206,23 @@ class ZooWriter:
     def member_file(self, task_id: str, member_id: str) -> str:
         return f"blocks/task={_safe_key(task_id, 'task_id')}/member={_safe_key(member_id, 'member_id')}.parquet"
 
-    def done_members(self) -> set[str]:
-        """Members with a manifest entry and a blocks file present (what a resume may skip)."""
+    def done_members(self, verify: bool = True) -> set[str]:
+        """Members a resume may skip: a readable manifest entry, and a blocks file that is present
+        and (``verify``) passes :meth:`Zoo.verify` (checksum, footer, row count).  A member whose
+        entry or file is corrupt is not done: the resume rebuilds it, and only it."""
         try:
-            return set(open_zoo(self.uri).members.column("member_id").to_pylist())
+            zoo = open_zoo(self.uri)
         except ZooError:
-            return set()
+            if not exists(self.root.join(LAYOUT_FILE)):
+                return set()
+            raise
+        done = set(zoo.members.column("member_id").to_pylist())
+        if verify and done:
+            bad = zoo.verify("checksum")
+            for b in bad:
+                log.warning("zoo %s: member %s will be rebuilt: %s", zoo.root.describe(), b.member_id, b.problem)
+            done -= {b.member_id for b in bad}
+        return done
 
     def build_table(self, member_id: str, task_id: str, condition: str, seed: int,
                     checkpoints: Sequence[CheckpointRecord]) -> pa.Table:
@@ -237,14 +272,16 @@ class ZooWriter:
         table = self.build_table(member_id, task_id, condition, seed, checkpoints)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        write_bytes_atomic(self.root.join(rel), sink.getvalue())
+        data = sink.getvalue()
+        write_bytes_atomic(self.root.join(rel), data)
         entry = {
             "format_version": MANIFEST_VERSION,
             "member_id": member_id, "task_id": task_id, "condition": condition, "seed": int(seed),
             "checkpoints": [int(c.step) for c in checkpoints],
             "metrics": [dict(c.metrics) for c in checkpoints],
             "hparams": dict(hparams or {}),
-            "file": rel, "num_rows": table.num_rows, "written_at": time.time(),
+            "file": rel, "num_rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(),
+            "size": data.size, "written_at": time.time(),
         }
         write_bytes_atomic(self.root.join("members", f"{member_id}.json"),
                            json.dumps(entry, default=float).encode())
@@ -271,6 +308,7 @@ def _entry_to_row(e: Mapping) -> dict:
         "seed": int(e.get("seed", 0)), "checkpoints": [int(c) for c in e["checkpoints"]],
         "metrics": json.dumps(e.get("metrics", [])), "hparams": json.dumps(e.get("hparams", {})),
         "file": e["file"], "num_rows": int(e["num_rows"]),
+        "sha256": str(e.get("sha256", "") or ""), "size": int(e.get("size", -1)),
     }
 
 
@@ -346,13 +384,15 @@ class Zoo:
     """A read view of a zoo at one manifest state (see :func:`open_zoo`)."""
 
     def __init__(self, root: Location, layout: WeightLayout, rows: list[dict], entry_mtimes: dict[str, int],
-                 failures: list[dict], missing: list[str], version: int):
+                 failures: list[dict], missing: list[str], version: int,
+                 corrupt_entries: dict[str, str] | None = None):
         self.root = root
         self.layout = layout
         self._rows = rows
         self._entry_mtimes = entry_mtimes
         self.failure_entries = failures
         self.missing = missing       # members with an entry whose blocks file is gone
+        self.corrupt_entries = dict(corrupt_entries or {})   # member_id -> why its entry cannot be read
         self.version = version
 
     @property
@@ -397,6 +437,59 @@ class Zoo:
         for r in self._rows:
             by_file.setdefault(r["file"], []).append(r["member_id"])
         return [(f, (mids if f.startswith("compacted/") else None)) for f, mids in sorted(by_file.items())]
+
+    def without(self, member_ids) -> "Zoo":
+        """This zoo without ``member_ids`` (e.g. the members a verification found bad)."""
+        drop = set(member_ids)
+        return Zoo(self.root, self.layout, [r for r in self._rows if r["member_id"] not in drop],
+                   self._entry_mtimes, self.failure_entries, self.missing, self.version, self.corrupt_entries)
+
+    def verify(self, level: str = "checksum", member_ids: Sequence[str] | None = None,
+               num_threads: int = 16) -> list[BadMember]:
+        """Check the live files of (``member_ids`` or all) members against the manifest.
+
+        ``level="footer"``: the Parquet footer parses and its row count is what the entries say
+        (one small ranged read per file: the training pre-flight); ``"checksum"``: also the
+        file's size and sha256 (reads every file whole).  Returns the bad members (empty: all
+        good), each naming its file and the problem.  Corrupt manifest entries are not members;
+        see :attr:`corrupt_entries`."""
+        if level not in ("footer", "checksum"):
+            raise ValueError(f"level must be 'footer' or 'checksum', got {level!r}")
+        rows = self._rows if member_ids is None else [self._row(m) for m in member_ids]
+        by_file: dict[str, list[dict]] = {}
+        for r in rows:
+            by_file.setdefault(r["file"], []).append(r)
+        expected_rows: dict[str, int] = {}
+        for r in self._rows:
+            expected_rows[r["file"]] = expected_rows.get(r["file"], 0) + int(r["num_rows"])
+
+        def check(rel: str) -> str:
+            loc = self.root.join(rel)
+            r0 = by_file[rel][0]
+            try:
+                if level == "checksum":
+                    data = read_bytes(loc)
+                    if int(r0.get("size", -1)) >= 0 and len(data) != int(r0["size"]):
+                        return f"size {len(data)} B, the manifest says {r0['size']} B"
+                    if r0.get("sha256") and hashlib.sha256(data).hexdigest() != r0["sha256"]:
+                        return "sha256 differs from the manifest (file changed or corrupt)"
+                    meta = pq.read_metadata(pa.BufferReader(data))
+                else:
+                    with loc.fs.open_input_file(loc.path) as f:
+                        meta = pq.read_metadata(f)
+            except FileNotFoundError:
+                return "file missing"
+            except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+                return f"not a readable Parquet file ({str(exc).strip().splitlines()[0][:120]})"
+            if meta.num_rows != expected_rows[rel]:
+                return f"{meta.num_rows} rows, the manifest says {expected_rows[rel]}"
+            return ""
+
+        files = sorted(by_file)
+        with ThreadPoolExecutor(max(1, min(num_threads, len(files) or 1))) as ex:
+            problems = list(ex.map(check, files))
+        return [BadMember(r["member_id"], rel, why) for rel, why in zip(files, problems) if why
+                for r in by_file[rel]]
 
     # ------------------------------------------------------------------ reads
     def dataset(self, unit: str = "block", columns: Sequence[str] | None = None, files_per_task: int = 1):
@@ -492,8 +585,10 @@ class Zoo:
             table = pa.concat_tables([self._member_table(r) for r in batch])
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink, row_group_size=max(self.layout.num_blocks, 64 * 1024))
-            write_bytes_atomic(self.root.join(rel), sink.getvalue())
-            new_rows.extend({**r, "file": rel} for r in batch)
+            data = sink.getvalue()
+            write_bytes_atomic(self.root.join(rel), data)
+            digest = hashlib.sha256(data).hexdigest()
+            new_rows.extend({**r, "file": rel, "sha256": digest, "size": data.size} for r in batch)
             batch, batch_rows, part = [], 0, part + 1
 
         for r in rows:
@@ -525,6 +620,8 @@ def open_zoo(uri: str) -> Zoo:
         t = _read_parquet(root.fs, root.join(current["snapshot"]).path, describe=root.join(current["snapshot"]).describe())
         for r in t.to_pylist():
             snap_mtimes[r["member_id"]] = r.pop("entry_mtime_ns")
+            r.setdefault("sha256", "")       # snapshots written before checksums
+            r.setdefault("size", -1)
             snap[r["member_id"]] = r
     except FileNotFoundError:
         pass
@@ -538,21 +635,37 @@ def open_zoo(uri: str) -> Zoo:
     def get(item):
         mid, info = item
         try:
-            return mid, info, json.loads(read_bytes(Location(root.fs, info.path, info.path)))
+            e = json.loads(read_bytes(Location(root.fs, info.path, info.path)))
+            if not isinstance(e, dict):
+                raise ValueError(f"expected a JSON object, got {type(e).__name__}")
+            if e.get("member_id") != mid:
+                raise ValueError(f"member_id {e.get('member_id')!r} != the entry's name {mid!r}")
+            return mid, info, _entry_to_row(e), ""
         except FileNotFoundError:
-            return mid, info, None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ZooError(f"manifest entry {root.join('members', mid + '.json').describe()} is corrupt: {exc}")
+            return mid, info, None, ""
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:   # JSONDecodeError is a ValueError
+            return mid, info, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
     fresh: dict[str, dict] = {}
+    corrupt: dict[str, str] = {}
     mtimes = {mid: snap_mtimes[mid] for mid in entries if mid in snap_mtimes}
     with ThreadPoolExecutor(16) as ex:
-        for mid, info, e in ex.map(get, to_read):
-            if e is not None:
-                fresh[mid] = _entry_to_row(e)
+        for mid, info, row, why in ex.map(get, to_read):
+            if row is not None:
+                fresh[mid] = row
                 mtimes[mid] = info.mtime_ns or 0
+            elif why:
+                corrupt[mid] = why
+                mtimes.pop(mid, None)
+    if corrupt:
+        mid = sorted(corrupt)[0]
+        log.warning("zoo %s: %d corrupt manifest entr%s left out (e.g. %s: %s); a build resume rebuilds them",
+                    root.describe(), len(corrupt), "y" if len(corrupt) == 1 else "ies",
+                    root.join("members", mid + ".json").describe(), corrupt[mid])
     rows = []
     for mid in sorted(entries):
+        if mid in corrupt:
+            continue
         r = fresh.get(mid) or snap.get(mid)
         if r is not None:
             rows.append({c: r[c] for c in MEMBER_COLUMNS})
@@ -575,7 +688,7 @@ def open_zoo(uri: str) -> Zoo:
             continue
         if f.get("member_id") not in done:
             failures.append(f)
-    return Zoo(root, layout, rows, mtimes, failures, missing, version)
+    return Zoo(root, layout, rows, mtimes, failures, missing, version, corrupt)
 
 
 def compact_zoo(uri: str, target_rows: int = 1_000_000) -> int:
@@ -584,18 +697,18 @@ def compact_zoo(uri: str, target_rows: int = 1_000_000) -> int:
 
 
 # ---------------------------------------------------------------------- small CLIs
+@job_main
 def info_main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="rayweights zoo-info", description="print a zoo's layout and members")
     p.add_argument("uri")
     p.add_argument("--members", type=int, default=10, help="how many member rows to print")
+    p.add_argument("--verify", action="store_true",
+                   help="check every live file (footer, row count, size, sha256) against the manifest; "
+                        "exit 1 naming the bad members if any")
     a = p.parse_args(argv)
-    try:
-        zoo = open_zoo(a.uri)
-    except ZooError as exc:
-        print(f"error: {exc}", file=os.sys.stderr)
-        return 2
+    zoo = open_zoo(a.uri)
     print(zoo.layout.describe())
     print(f"\n{len(zoo)} members, {zoo.failures.num_rows} failed, {len(zoo.files)} files, manifest v{zoo.version}")
     if len(zoo):
@@ -605,9 +718,29 @@ def info_main(argv: Sequence[str] | None = None) -> int:
         print("\nfailures:")
         for f in zoo.failure_entries[: a.members]:
             print(f"  {f['member_id']}: {str(f.get('error', '')).strip().splitlines()[-1:]}")
-    return 0
+    if zoo.corrupt_entries:
+        print(f"\n{len(zoo.corrupt_entries)} corrupt manifest entr{'y' if len(zoo.corrupt_entries) == 1 else 'ies'} "
+              "(left out; a build resume rebuilds them):")
+        for mid, why in sorted(zoo.corrupt_entries.items()):
+            print(f"  {mid}: members/{mid}.json: {why}")
+    if not a.verify:
+        return 0
+    bad = zoo.verify("checksum")
+    if not bad and not zoo.corrupt_entries and not zoo.missing:
+        print(f"\nverify: all {len(zoo)} members' files match the manifest (footer, rows, size, sha256)")
+        return 0
+    print(f"\nverify: {len(bad) + len(zoo.corrupt_entries) + len(zoo.missing)} bad member(s):")
+    for b in bad:
+        print(f"  {b}")
+    for mid in zoo.missing:
+        print(f"  {mid}: blocks file missing")
+    names = sorted({b.member_id for b in bad} | set(zoo.corrupt_entries) | set(zoo.missing))
+    print(f"error: zoo {zoo.root.describe()}: {len(names)} bad member(s): {', '.join(names[:20])}"
+          f"{' ...' if len(names) > 20 else ''}", file=os.sys.stderr)
+    return 1
 
 
+@job_main
 def compact_main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
@@ -615,10 +748,6 @@ def compact_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("uri")
     p.add_argument("--target-rows", type=int, default=1_000_000)
     a = p.parse_args(argv)
-    try:
-        v = compact_zoo(a.uri, a.target_rows)
-    except ZooError as exc:
-        print(f"error: {exc}", file=os.sys.stderr)
-        return 2
+    v = compact_zoo(a.uri, a.target_rows)
     print(f"compacted {a.uri}: manifest v{v}")
     return 0

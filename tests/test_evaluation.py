@@ -185,6 +185,7 @@ def test_evaluate_job_end_to_end(ray_local, zoo_uri, tmp_path, capsys):
     GaussianWeightSampler.fit(zoo_uri, rank=4).save(gen)
     out = str(tmp_path / "eval")
     args = ["--set", f"zoo={zoo_uri}", "--set", f"generator={gen}", "--set", "family=tests.evalkit:make_adapter",
+            "--set", "allow_import=true",
             "--set", 'tasks=["digits:0,1,2,3,4", "digits:1,3,5,7,9"]', "--set", "num_samples=3",
             "--set", "epochs=2", "--set", "iou_members=4", "--output", out]
     assert main(args) == 0
@@ -197,7 +198,8 @@ def test_evaluate_job_end_to_end(ray_local, zoo_uri, tmp_path, capsys):
     # reuse the samples folder
     out2 = str(tmp_path / "eval2")
     summary = evaluate(EvaluateConfig(zoo=zoo_uri, samples=os.path.join(out, "samples"),
-                                      family="tests.evalkit:make_adapter", tasks=["digits:1,3,5,7,9"], num_samples=3,
+                                      family="tests.evalkit:make_adapter", allow_import=True, tasks=["digits:1,3,5,7,9"],
+                                      num_samples=3,
                                       epochs=1, parallel=False, inits=["generated", "random", "soup"], output=out2),
                        show_progress=False, print_table=False)
     assert set(summary["tasks"]["digits-13579"]) == {"generated", "random", "soup"}

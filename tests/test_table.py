@@ -70,7 +70,8 @@ def test_s3_round_trip_matches_local(tmp_path, s3_uri):
     assert s3.version == 1
     check_exact(s3, sds)
     assert torch.equal(s3.blocks(), local.blocks())
-    assert s3.members.drop(["file"]).equals(local.members.drop(["file"]))
+    # files hold the zoo name (its folder), so their checksums differ between the two locations
+    assert s3.members.drop(["file", "sha256", "size"]).equals(local.members.drop(["file", "sha256", "size"]))
     # pyarrow reads the S3 files as is
     import pyarrow.parquet as pq
     t = pq.read_table(s3.root.join(s3.members.column("file")[0].as_py()).path, filesystem=s3.root.fs)
@@ -257,3 +258,93 @@ def test_unwritable_output(tmp_path):
     (ro / "zoo").write_text("a file where a folder should be")
     with pytest.raises(ZooError, match="not writable"):
         ZooWriter.create(str(ro / "zoo"), WeightLayout.from_state_dict(make_sd(0)))
+
+
+# ----------------------------------------------------------------------------- integrity
+def _corrupt_two(root, zoo):
+    """Truncate m1's file, fill m2's with random bytes of the same size."""
+    f1, f2 = root / zoo._row("m1")["file"], root / zoo._row("m2")["file"]
+    f1.write_bytes(f1.read_bytes()[: f1.stat().st_size // 2])
+    f2.write_bytes(np.random.default_rng(0).bytes(f2.stat().st_size))
+
+
+def test_manifest_entries_carry_checksum_and_rows(tmp_path):
+    write_zoo(str(tmp_path / "zoo"))
+    entry = json.loads((tmp_path / "zoo" / "members" / "m0.json").read_text())
+    data = (tmp_path / "zoo" / entry["file"]).read_bytes()
+    import hashlib
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["size"] == len(data)
+    assert entry["num_rows"] == 2 * open_zoo(str(tmp_path / "zoo")).layout.num_blocks
+    assert open_zoo(str(tmp_path / "zoo")).verify() == []
+
+
+@pytest.mark.parametrize("level", ["footer", "checksum"])
+def test_verify_names_corrupt_member_files(tmp_path, level):
+    uri = str(tmp_path / "zoo")
+    w, _ = write_zoo(uri)
+    w.consolidate()
+    zoo = open_zoo(uri)
+    _corrupt_two(tmp_path / "zoo", zoo)
+    bad = zoo.verify(level)
+    assert sorted(b.member_id for b in bad) == ["m1", "m2"]
+    assert all("member=" in b.file and b.problem for b in bad)
+    # a file rewritten with valid Parquet but other content: only the checksum sees it
+    f3 = tmp_path / "zoo" / zoo._row("m3")["file"]
+    f0 = tmp_path / "zoo" / zoo._row("m0")["file"]
+    f3.write_bytes(f0.read_bytes())
+    names = sorted(b.member_id for b in open_zoo(uri).verify(level))
+    assert names == (["m1", "m2", "m3"] if level == "checksum" else ["m1", "m2"])
+
+
+def test_zoo_info_verify_reports_bad_members_and_fails(tmp_path, capsys):
+    from rayweights.table import info_main
+    uri = str(tmp_path / "zoo")
+    write_zoo(uri)
+    assert info_main([uri, "--verify"]) == 0
+    assert "all 4 members' files match" in capsys.readouterr().out
+    _corrupt_two(tmp_path / "zoo", open_zoo(uri))
+    assert info_main([uri, "--verify"]) == 1
+    cap = capsys.readouterr()
+    assert "m1 (blocks/task=t1/member=m1.parquet)" in cap.out and "m2 (" in cap.out
+    assert cap.err.strip().splitlines()[-1].startswith("error: zoo") and "m1, m2" in cap.err
+
+
+def test_corrupt_manifest_entry_is_named_and_the_rest_stays_readable(tmp_path, capsys):
+    uri = str(tmp_path / "zoo")
+    w, sds = write_zoo(uri)
+    (tmp_path / "zoo" / "members" / "m1.json").write_bytes(b'{"member_id": "m1", "task_')    # torn write
+    (tmp_path / "zoo" / "members" / "m2.json").write_text('{"member_id": "m2"}')            # keys missing
+    zoo = open_zoo(uri)
+    assert sorted(zoo.members.column("member_id").to_pylist()) == ["m0", "m3"]
+    assert sorted(zoo.corrupt_entries) == ["m1", "m2"]
+    assert zoo.blocks(["m0", "m3"]).shape[0] == 4
+    # a resume redoes exactly those two
+    assert w.done_members() == {"m0", "m3"}
+    from rayweights.table import info_main
+    assert info_main([uri]) == 0
+    out = capsys.readouterr().out
+    assert "2 corrupt manifest entries" in out and "m1: members/m1.json" in out
+    assert info_main([uri, "--verify"]) == 1
+
+
+def test_resume_treats_members_failing_verification_as_not_done(tmp_path):
+    uri = str(tmp_path / "zoo")
+    w, _ = write_zoo(uri)
+    _corrupt_two(tmp_path / "zoo", open_zoo(uri))
+    assert w.done_members() == {"m0", "m3"}
+    # rewriting them makes them done again
+    for m in (1, 2):
+        w.write_member(f"m{m}", f"t{m % 2}", f"cond-{m % 2}", m, [CheckpointRecord(0, make_sd(m))])
+    assert w.done_members() == {"m0", "m1", "m2", "m3"}
+    assert open_zoo(uri).verify() == []
+
+
+def test_compacted_zoo_verifies(tmp_path):
+    uri = str(tmp_path / "zoo")
+    write_zoo(uri)
+    compact_zoo(uri, target_rows=10 ** 6)
+    zoo = open_zoo(uri)
+    assert zoo.verify() == [] and zoo.verify("footer") == []
+    part = tmp_path / "zoo" / zoo._row("m0")["file"]
+    part.write_bytes(part.read_bytes()[:-20])
+    assert sorted(b.member_id for b in open_zoo(uri).verify("footer")) == ["m0", "m1", "m2", "m3"]

@@ -11,13 +11,14 @@ import importlib
 from typing import Any, Callable, Mapping
 
 from .protocols import TaskAdapter
+from ..errors import UserError
 
 __all__ = ["register_adapter", "make_adapter", "ADAPTERS", "AdapterError", "known_families"]
 
 ADAPTERS: dict[str, Callable[..., TaskAdapter]] = {}
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """Unknown family or a task condition the family cannot build (the message names it)."""
 
 

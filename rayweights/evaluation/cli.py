@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -25,12 +24,17 @@ from ..storage import StorageError, check_writable, resolve, write_bytes_atomic
 from .adapters import AdapterError, make_adapter
 from .core import ALL_INITS, EvalOptions, TaskResult, ZooReference, evaluate_task
 from .report import write_report
+from ..errors import job_main
 
 __all__ = ["EvaluateConfig", "evaluate", "main", "resolve_defaults", "validate"]
 
 
 @dataclass
 class EvaluateConfig:
+    """The ``evaluate`` config.  A config is trusted input only when it says so: ``family:
+    package.module:factory`` and ``feature_extractor: module:...`` import and run code, and are
+    refused unless ``allow_import: true`` is set."""
+
     zoo: str = ""                      # zoo URI the generator was trained on (required)
     generator: str = ""                # generator export: sampled here ...
     samples: str = ""                  # ... or a sample-weights output folder to reuse
@@ -59,8 +63,17 @@ class EvaluateConfig:
     sample_concurrency: int = 1
     sample_chunk_blocks: int = 0
     seed: int = 0
+    allow_import: bool = False         # a config is trusted input only when it says so: module:factory imports code
 
     def __post_init__(self):
+        from ..config import check_import_allowed
+
+        if ":" in self.family:
+            check_import_allowed(self.family, "family", self.allow_import)
+        for name, fx in (("feature_extractor", self.feature_extractor),
+                         ("family_options.feature_extractor", self.family_options.get("feature_extractor", ""))):
+            if isinstance(fx, str) and fx.startswith("module:"):
+                check_import_allowed(fx, name, self.allow_import)
         if self.generator and self.samples:
             raise ValueError("generator/samples: give one of them, not both")
         if self.method not in ("one_step", "ddim", "ddpm"):
@@ -95,13 +108,18 @@ def _evaluate_one(cfg: EvaluateConfig, condition: str, samples_uri: str, show_pr
     return evaluate_task(adapter, sampler, ref, cfg.options(), show_progress=show_progress)
 
 
+DONE_MARKER = "results.json"      # what later stages trust as "this evaluation is complete"
+
+
 def _publish(local_dir: str, uri: str) -> None:
+    """Copy a finished local report folder to ``uri`` file by file, the done marker last: a crash
+    midway never leaves a folder that looks complete with files missing."""
     root = resolve(uri)
-    for dirpath, _, files in os.walk(local_dir):
-        for f in files:
-            rel = os.path.relpath(os.path.join(dirpath, f), local_dir)
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                write_bytes_atomic(root.join(*rel.split(os.sep)), fh.read())
+    rels = sorted(os.path.relpath(os.path.join(d, f), local_dir) for d, _, fs in os.walk(local_dir) for f in fs)
+    rels.sort(key=lambda rel: rel == DONE_MARKER)          # stable: the marker moves to the end
+    for rel in rels:
+        with open(os.path.join(local_dir, rel), "rb") as fh:
+            write_bytes_atomic(root.join(*rel.split(os.sep)), fh.read())
 
 
 def resolve_defaults(cfg: EvaluateConfig) -> EvaluateConfig:
@@ -154,7 +172,7 @@ def validate(cfg: EvaluateConfig) -> None:
             make_adapter(cfg.family, c, zoo, _family_options(cfg))
         except AdapterError as exc:
             raise ConfigError(str(exc)) from exc
-    from ..sampling import FolderSampler, SamplingError, load_sampler
+    from ..sampling import FolderSampler, load_sampler
 
     try:
         if cfg.samples:
@@ -196,7 +214,8 @@ def evaluate(cfg: EvaluateConfig, address: str | None = None, show_progress: boo
         samples_uri = resolve(cfg.output).join("samples").uri
         sample_weights(SampleConfig(generator=cfg.generator, conditions=list(cfg.tasks), num_samples=cfg.num_samples,
                                     method=cfg.method, t=cfg.t, steps=cfg.steps, seed=cfg.seed, output=samples_uri,
-                                    concurrency=cfg.sample_concurrency, chunk_blocks=cfg.sample_chunk_blocks),
+                                    concurrency=cfg.sample_concurrency, chunk_blocks=cfg.sample_chunk_blocks,
+                                    label_conditions=True),
                        show_progress=show_progress)
     if cfg.parallel:
         remote = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.num_gpus)(_evaluate_one)
@@ -225,21 +244,14 @@ def evaluate(cfg: EvaluateConfig, address: str | None = None, show_progress: boo
             "report": out_root.join("report.md").uri}
 
 
+@job_main
 def main(argv: Sequence[str] | None = None) -> int:
     p = job_argparser("Fine-tune generated vs baseline initialisations on held-out tasks; write the report.",
                       config_required=False)
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(EvaluateConfig, args.config, job_overrides(args))
-        cfg = resolve_defaults(cfg)
-        validate(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        summary = evaluate(cfg, args.address)
-    except (ConfigError, LayoutError, StorageError, AdapterError, SamplingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(EvaluateConfig, args.config, job_overrides(args))
+    cfg = resolve_defaults(cfg)
+    validate(cfg)
+    summary = evaluate(cfg, args.address)
     print(f"report: {summary['report']}")
     return 0

@@ -21,13 +21,14 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from ..errors import UserError
 
 __all__ = ["SmallFeatureExtractor", "build_feature_extractor", "save_images", "compute_fid", "FIDError"]
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
-class FIDError(ValueError):
+class FIDError(UserError, ValueError):
     """A feature extractor spec or an image folder is unusable (names it)."""
 
 

@@ -214,8 +214,10 @@ def write_report(results: Sequence[TaskResult], out_dir: str, header: Mapping[st
         f.write(md)
     payload = {"header": dict(header or {}), "verdict": verdict_sentences(results),
                "tasks": [r.to_dict() for r in results]}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    tmp = os.path.join(out_dir, f".results.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:                 # the done marker: written last, whole or not at all
         json.dump(_jsonable(payload), f, indent=1, default=str)
+    os.replace(tmp, os.path.join(out_dir, "results.json"))
     if print_table:
         print(md)
     return md

@@ -10,34 +10,30 @@ field or file on stderr, exit status 2.
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 from ..config import ConfigError, job_argparser, job_overrides, load_config
-from ..storage import StorageError, check_writable
+from ..errors import job_main
+from ..storage import check_writable
 from .experiment import prepare, run_learngene
-from .layers import LearngeneError
 from .report import format_table
 from .spec import LearngeneConfig
 
 
+@job_main
 def main(argv: Sequence[str] | None = None) -> int:
     p = job_argparser("FINE learngene initialisation of variable-sized models: extract U, V from a trained "
                       "model, initialise other sizes, Σ-only phase, compare with random init and direct pretraining")
     p.add_argument("--no-ray", action="store_true", help="run every size in this process (debugging)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    try:
-        cfg = load_config(LearngeneConfig, a.config, job_overrides(a))
-        if a.no_ray:
-            cfg.parallel = False
-        if not cfg.output:
-            raise ConfigError("output: give --output or output: in the config")
-        plan = prepare(cfg)
-        check_writable(cfg.output)
-    except (ConfigError, LearngeneError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(LearngeneConfig, a.config, job_overrides(a))
+    if a.no_ray:
+        cfg.parallel = False
+    if not cfg.output:
+        raise ConfigError("output: give --output or output: in the config")
+    plan = prepare(cfg)
+    check_writable(cfg.output)
     summary = run_learngene(plan, cfg.output, address=a.address, progress=not a.quiet)
     print(format_table(summary))
     t, st = summary["totals"], summary["storage"]

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import torch
+from ..errors import UserError
 
 __all__ = ["LayerType", "LearngeneError", "match_layer_types", "LayerMatch"]
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
-class LearngeneError(ValueError):
+class LearngeneError(UserError, ValueError):
     """Bad layer types, incompatible shapes, or a malformed learngene file (message names it)."""
 
 

@@ -168,6 +168,9 @@ class ResourceSpec:
 
 @dataclass
 class LearngeneConfig:
+    """The ``learngene`` config.  A config is trusted input only when it says so: ``constructor:
+    package.module:function`` imports and runs code, and is refused unless ``allow_import: true``."""
+
     name: str
     source: SourceSpec
     targets: list[SizeSpec]
@@ -188,8 +191,13 @@ class LearngeneConfig:
     parallel: bool = True               # one Ray task per (size, method, seed); false: in this process
     device: str = "auto"                # auto | cpu | cuda
     export_inits: bool = True           # write each size's FINE initialisation (after the Σ phase)
+    allow_import: bool = False          # a config is trusted input only when it says so: `constructor` imports code
 
     def __post_init__(self):
+        if self.constructor:
+            from ..config import check_import_allowed
+
+            check_import_allowed(self.constructor, "constructor", self.allow_import)
         if not self.family and not self.constructor:
             raise ValueError("family: give a registered family or a constructor ('package.module:function')")
         if self.constructor and not self.layer_types and not self.family:

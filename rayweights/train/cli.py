@@ -9,12 +9,12 @@ storage) is checked before any training; an error prints one line naming it and 
 from __future__ import annotations
 
 import logging
-import sys
 
-from ..config import ConfigError, job_argparser, job_overrides, load_config
-from ..storage import StorageError
+from ..config import job_argparser, job_overrides, load_config
+from ..errors import expected, job_main
 
 
+@job_main
 def main(argv=None) -> int:
     p = job_argparser("Train a weight generator on zoo tables (Ray Train V2 + DeepSpeed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
@@ -23,18 +23,11 @@ def main(argv=None) -> int:
     for noisy in ("DeepSpeed", "deepspeed", "ray", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .config import GeneratorTrainConfig
-    from .trainer import TrainError, preflight, train_generator
+    from .trainer import preflight, train_generator
 
-    try:
+    with expected(ValueError):
         cfg = load_config(GeneratorTrainConfig, a.config, job_overrides(a, "storage"))
         plan = preflight(cfg)
-    except (ConfigError, TrainError, StorageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = train_generator(cfg, address=a.address, show_progress=not a.no_progress, plan=plan)
-    except TrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = train_generator(cfg, address=a.address, show_progress=not a.no_progress, plan=plan)
     print(result.summary())
     return 0

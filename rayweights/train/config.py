@@ -97,6 +97,7 @@ class GeneratorTrainConfig:
     in_memory_max_mb: float = 2048.0
     text_encoder: str = "default"                # HF name or path; default = packaged MiniLM
     dataset_samples_per_class: int = 10          # D2NWG: samples per class in a dataset's feature sets
+    skip_bad_members: bool = False               # train without zoo members whose files fail the pre-flight check
     fault_injection: FaultInjection = field(default_factory=FaultInjection)
 
     def __post_init__(self):
@@ -112,6 +113,11 @@ class GeneratorTrainConfig:
         bad = sorted(set(self.model) - set(models))
         if bad:
             raise ValueError(f"model: unknown model(s) {bad} for {self.method} (has {sorted(models)})")
+        for key, kwargs in self.model.items():      # keywords checked against the constructors, at load
+            _check_keywords(METHODS[self.method].model_class[key], kwargs or {}, f"model.{key}")
+        from diffusers import DDPMScheduler
+
+        _check_keywords(DDPMScheduler, self.scheduler, "scheduler")
         stages = METHODS[self.method].stages
         bad = sorted(set(self.stages) - set(stages))
         if bad:
@@ -160,6 +166,19 @@ class GeneratorTrainConfig:
         if self.precision == "auto":
             return bool(self.use_gpu if gpu is None else gpu)
         return self.precision == "bf16"
+
+
+def _check_keywords(cls: type, kwargs: dict, field: str) -> None:
+    """Raise ``ValueError('<field>.<key>: ...')`` for a keyword ``cls(...)`` does not take."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = sorted(n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    bad = sorted(set(kwargs) - set(allowed))
+    if bad:
+        raise ValueError(f"{field}.{bad[0]}: not a keyword of {cls.__name__} (allowed: {', '.join(allowed)})")
 
 
 def resolved_stage(cfg: GeneratorTrainConfig, stage: str) -> dict:

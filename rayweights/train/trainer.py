@@ -32,15 +32,20 @@ from ..blocks import WeightLayout
 from ..runtime import worker_env
 from ..storage import StorageError, check_writable, exists, list_files, read_bytes, resolve, write_bytes_atomic
 from .config import GeneratorTrainConfig, resolved_stage
+from ..errors import JobFailed, UserError
 
-__all__ = ["train_generator", "preflight", "TrainError", "TrainResult", "Plan"]
+__all__ = ["train_generator", "preflight", "TrainError", "TrainFailed", "TrainResult", "Plan"]
 
 log = logging.getLogger(__name__)
 
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """Training cannot start or failed (the message names the field, file or stage)."""
+
+
+class TrainFailed(JobFailed, TrainError):
+    """A training stage started and failed (exit 1, one line naming the stage)."""
 
 
 @dataclass
@@ -91,6 +96,17 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
         zoo = open_zoo(cfg.zoo)
     except (ZooError, StorageError) as exc:
         raise TrainError(f"zoo: {exc}") from exc
+    if zoo.corrupt_entries:
+        log.warning("zoo %s: %d corrupt manifest entr(y/ies) left out: %s", zoo.uri, len(zoo.corrupt_entries),
+                    ", ".join(sorted(zoo.corrupt_entries)[:10]))
+    bad = zoo.verify("footer")              # cheap: one footer read per file the run will read
+    if bad:
+        names = ", ".join(str(b) for b in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        if not cfg.skip_bad_members:
+            raise TrainError(f"zoo: {len(bad)} member file(s) fail the check: {names}; rebuild them (build-zoo "
+                             "resumes only those), or set skip_bad_members: true")
+        log.warning("zoo %s: skipping %d bad member(s) (skip_bad_members): %s", zoo.uri, len(bad), names)
+        zoo = zoo.without(b.member_id for b in bad)
     if len(zoo) == 0:
         raise TrainError(f"zoo: {zoo.uri} has no members (empty table); build the zoo first")
     from ..generators.methods import METHODS
@@ -263,7 +279,7 @@ def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> di
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; name the stage
         drain.finish()
-        raise TrainError(f"stage {stage}: training failed: {exc}") from exc
+        raise TrainFailed(f"stage {stage}: training failed: {exc}") from exc
     finally:
         records.extend(records_stage)
     drain.finish()
@@ -272,13 +288,13 @@ def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> di
     except Exception:  # noqa: BLE001
         pass
     if getattr(result, "error", None) is not None:
-        raise TrainError(f"stage {stage}: training failed: {result.error}")
+        raise TrainFailed(f"stage {stage}: training failed: {result.error}")
     ckpt = result.checkpoint
     if ckpt is None:
-        raise TrainError(f"stage {stage}: the run ended without a checkpoint")
+        raise TrainFailed(f"stage {stage}: the run ended without a checkpoint")
     src = ckpt.path.rstrip("/") + "/" + MODEL_DIR
     if ckpt.filesystem.get_file_info(src).type == pafs.FileType.NotFound:
-        raise TrainError(f"stage {stage}: the last checkpoint {ckpt.path} has no {MODEL_DIR}/ (training did not finish)")
+        raise TrainFailed(f"stage {stage}: the last checkpoint {ckpt.path} has no {MODEL_DIR}/ (training did not finish)")
     key = method.stage_model[stage]
     dest = run_loc.join("stages", key)
     if not dest.is_s3:

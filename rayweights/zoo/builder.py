@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from ..blocks import LayoutError, WeightLayout
 from ..config import from_dict, to_dict
+from ..errors import check_id
 from ..runtime import worker_env
 from ..table import CheckpointRecord, ZooError, ZooWriter
 from . import families
@@ -92,6 +93,8 @@ def plan_tasks(spec: ZooSpec) -> tuple[list[Task], list[Task]]:
         train = train[:spec.max_tasks]
     if not train:
         raise ValueError("tasks: the task list is empty (after removing held-out tasks)")
+    for t in train + held_out:          # every id that becomes part of a path is checked here, in one place
+        check_id(t.task_id, f"tasks: {t.condition!r} gives task id")
     ids = [t.task_id for t in train]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[0]

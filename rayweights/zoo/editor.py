@@ -33,12 +33,13 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ..errors import UserError
 
 __all__ = ["OPS", "Concept", "all_concepts", "concept_by_key", "concept_from_prompt", "make_images",
            "ProceduralEditor", "DiffusersEditor", "make_editor", "EditorError"]
 
 
-class EditorError(ValueError):
+class EditorError(UserError, ValueError):
     """An editor cannot be built or used (names the spec field or path)."""
 
 

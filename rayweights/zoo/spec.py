@@ -161,6 +161,12 @@ class ZooSpec:
             raise ValueError("max_retries: must be >= 0")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: {self.device!r} is not auto, cpu or cuda[:N]")
+        if self.tasks:                       # ids that become file names: checked at load, before any work
+            from ..errors import check_id
+
+            fam = FAMILIES[self.family]
+            for c in self.tasks:
+                check_id(fam.task_from_condition(self, c).task_id, f"tasks: {c!r} gives task id")
         for f in self.fail_members:
             if f.count(":") > 1 or (":" in f and not f.rsplit(":", 1)[1].isdigit()):
                 raise ValueError(f"fail_members: {f!r} is not 'member_id' or 'member_id:N'")
