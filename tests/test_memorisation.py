@@ -88,3 +88,10 @@ def test_replaying_sampler_is_memorising_and_fresh_models_are_not(subsets_zoo, t
     assert os.path.getsize(png) > 10_000
     assert "| replay | generated |" in res.table()
     assert res.to_dict()["methods"]["replay"]["memorising"] is True
+    # the evaluation report carries the section and the scatter
+    from rayweights.evaluation.report import write_report
+
+    md = write_report([], str(tmp_path / "report"), {"zoo": subsets_zoo}, print_table=False, memorisation=[res])
+    assert "## Memorisation on seen tasks" in md and "| replay | generated |" in md
+    assert os.path.getsize(tmp_path / "report" / "memorisation-digits_3_5_7_8_9.png") > 10_000
+    assert "](memorisation-digits_3_5_7_8_9.png)" in md
