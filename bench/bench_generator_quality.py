@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--sigmas", default="0.01,0.05,0.1,0.3", help="noise baseline levels (x per-group zoo std)")
     p.add_argument("--plot", default=os.path.join(ROOT, "bench", "figures", "generator_memorisation.png"))
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)                  # tiny models: one thread is fastest (and fair on shared CPUs)
 
     from rayweights.config import load_config
     from rayweights.evaluation import make_adapter
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         train_local(cfg, export=export)
     print(f"trained {cfg.method} ({a.train}) in {time.perf_counter() - t0:.0f} s -> {export}", flush=True)
     method = load_generator(export)
-    L = zoo.layout
+    L = method.layout                         # the zoo layout with the generator's normalisation stats
     recon = method.reconstruct(z.float()) if hasattr(method, "reconstruct") else None
     ad = make_adapter(a.family, a.task, zoo)
     zoo_acc, _ = score_weight_sets(ad, L, z)
