@@ -19,7 +19,8 @@ generator and for three baselines built from the training checkpoints themselves
   checkpoints (leave one member out) — the novelty a fresh SGD run has.
 
 A method is flagged as memorising when the median novelty of its samples is below half the zoo
-reference's median (fresh training runs are that novel among themselves; replays score 0).
+reference's median (fresh training runs are that novel among themselves; replays score 0); not
+decidable (None) when the zoo's own median novelty is 0.
 
     from rayweights.evaluation.memorisation import memorisation_study
     res = memorisation_study(adapter, layout, train_flat, {"p-diff": samples_flat}, train_groups=member_ids)
@@ -177,19 +178,20 @@ class MemorisationResult:
         v = z[0].novelty[np.isfinite(z[0].novelty)]
         return float(np.median(v)) if len(v) else None
 
-    def memorising(self, name: str) -> bool:
-        """Median novelty of ``name`` below ``ratio`` x the zoo's own (fresh runs) median novelty."""
+    def memorising(self, name: str) -> bool | None:
+        """Median novelty of ``name`` below ``ratio`` x the zoo's own (fresh runs) median novelty;
+        None when that is not decidable (one member, or the zoo's own median novelty is 0: members
+        that make the same mistakes, as in a partial zoo on a shared base)."""
         ref = self.reference_novelty
-        if ref is None:
-            raise ValueError("memorisation: the zoo needs two or more members for the reference novelty")
-        return self.get(name).summary()["novelty_median"] < self.ratio * ref
+        if ref is None or ref <= 0:
+            return None
+        return bool(self.get(name).summary()["novelty_median"] < self.ratio * ref)
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "reference_novelty": self.reference_novelty, "ratio": self.ratio,
                 "methods": {m.name: {"kind": m.kind, **m.summary(), "accuracy": m.accuracy.tolist(),
                                      "novelty": m.novelty.tolist(),
-                                     "memorising": (self.memorising(m.name) if self.reference_novelty is not None
-                                                    and m.kind != "zoo" else None)}
+                                     "memorising": None if m.kind == "zoo" else self.memorising(m.name)}
                             for m in self.methods}}
 
     def table(self) -> str:
@@ -201,7 +203,7 @@ class MemorisationResult:
                 "memorising |", "|---|---|---|---|---|---|---|---|---|"]
         for m in self.methods:
             s = m.summary()
-            mem = "—" if ref is None or m.kind == "zoo" else cell(self.memorising(m.name))
+            mem = "—" if m.kind == "zoo" else cell(self.memorising(m.name))
             rows.append(f"| {m.name} | {m.kind} | {s['n']} | {cell(s['acc_best'])} | {cell(s['acc_avg'])} | "
                         f"{cell(s['acc_median'])} | {cell(s['novelty_median'])} | {cell(s['novelty_mean'])} | {mem} |")
         return "\n".join(rows)
