@@ -95,3 +95,24 @@ def test_replaying_sampler_is_memorising_and_fresh_models_are_not(subsets_zoo, t
     assert "## Memorisation on seen tasks" in md and "| replay | generated |" in md
     assert os.path.getsize(tmp_path / "report" / "memorisation-digits_3_5_7_8_9.png") > 10_000
     assert "](memorisation-digits_3_5_7_8_9.png)" in md
+
+
+@pytest.mark.slow
+def test_evaluate_runs_the_study_on_seen_tasks(subsets_zoo, tmp_path):
+    from rayweights.config import ConfigError
+    from rayweights.evaluation.cli import EvaluateConfig, _memorisation_one, validate
+    from rayweights.sampling import GaussianWeightSampler
+    from rayweights.table import open_zoo
+
+    cond = open_zoo(subsets_zoo).conditions()[0]
+    GaussianWeightSampler.fit(subsets_zoo, rank=3).save(str(tmp_path / "gauss"))
+    cfg = EvaluateConfig(zoo=subsets_zoo, generator=str(tmp_path / "gauss"), family="dataset-subsets",
+                         tasks=[cond], output=str(tmp_path / "out"), memorisation_tasks=[cond],
+                         memorisation_samples=8, memorisation_sigmas=[0.1])
+    validate(cfg)
+    res = _memorisation_one(cfg, cond)
+    assert res.task == cond and res.reference_novelty is not None
+    assert {m.name for m in res.methods} >= {"zoo (vs other members)", "noise σ=0.1", "average of 16", "gaussian"}
+    assert len(res.methods[1].accuracy) == 8
+    with pytest.raises(ConfigError, match="memorisation_tasks"):
+        validate(EvaluateConfig(**{**cfg.__dict__, "memorisation_tasks": ["digits:0,1,2,3,4"]}))
