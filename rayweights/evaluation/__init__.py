@@ -6,9 +6,13 @@ Public API::
         EvalOptions, ZooReference, evaluate_task, score_samples, TaskResult, write_report,
         make_adapter, register_adapter, compute_fid, build_feature_extractor, save_images)
     from rayweights.evaluation.cli import EvaluateConfig, evaluate, main
+    from rayweights.evaluation.diagnostics import diagnose, Diagnosis          # generator vs zoo checks
+    from rayweights.evaluation.memorisation import memorisation_study      # Zeng et al. novelty
 """
 
 from .adapters import AdapterError, make_adapter, register_adapter
+from .diagnostics import Diagnosis, diagnose
+from .memorisation import MemorisationResult, memorisation_study
 from .core import ALL_INITS, INIT_LABELS, Curve, EvalOptions, TaskResult, ZooReference, evaluate_task, score_samples
 from .fid import FIDError, SmallFeatureExtractor, build_feature_extractor, compute_fid, save_images
 from .protocols import BaseTaskAdapter, TaskAdapter, WeightSampler, load_layout_params, token_similarity
@@ -18,4 +22,4 @@ __all__ = ["TaskAdapter", "WeightSampler", "BaseTaskAdapter", "load_layout_param
            "EvalOptions", "ZooReference", "evaluate_task", "score_samples", "TaskResult", "Curve", "ALL_INITS",
            "INIT_LABELS", "write_report", "render_markdown", "verdict_sentences", "make_adapter", "register_adapter",
            "AdapterError", "compute_fid", "build_feature_extractor", "save_images", "SmallFeatureExtractor",
-           "FIDError"]
+           "FIDError", "Diagnosis", "diagnose", "MemorisationResult", "memorisation_study"]

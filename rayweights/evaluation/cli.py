@@ -64,6 +64,11 @@ class EvaluateConfig:
     sample_chunk_blocks: int = 0
     seed: int = 0
     allow_import: bool = False         # a config is trusted input only when it says so: module:factory imports code
+    # memorisation (Zeng et al. 2025) on seen tasks: zoo conditions whose training checkpoints the
+    # generator's samples are compared with (accuracy vs novelty scatter in the report); [] = off
+    memorisation_tasks: list[str] = field(default_factory=list)
+    memorisation_samples: int = 100
+    memorisation_sigmas: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.3])
 
     def __post_init__(self):
         from ..config import check_import_allowed
@@ -78,6 +83,10 @@ class EvaluateConfig:
             raise ValueError("generator/samples: give one of them, not both")
         if self.method not in ("one_step", "ddim", "ddpm"):
             raise ValueError(f"method: {self.method!r} is not one of one_step, ddim, ddpm")
+        if self.memorisation_samples < 1:
+            raise ValueError("memorisation_samples: must be >= 1")
+        if any(s < 0 for s in self.memorisation_sigmas):
+            raise ValueError("memorisation_sigmas: noise levels must be >= 0")
 
     def options(self) -> EvalOptions:
         return EvalOptions(num_samples=self.num_samples, epochs=self.epochs, seeds=list(self.seeds),
@@ -109,6 +118,32 @@ def _evaluate_one(cfg: EvaluateConfig, condition: str, samples_uri: str, show_pr
 
 
 DONE_MARKER = "results.json"      # what later stages trust as "this evaluation is complete"
+def _memorisation_one(cfg: EvaluateConfig, condition: str):
+    """Zeng et al.'s study on one seen task: the generator's samples vs the task's training checkpoints."""
+    import torch
+
+    from ..sampling import load_sampler
+    from ..table import open_zoo
+    from .core import sample_blocks_raw
+    from .diagnostics import zoo_weights
+    from .memorisation import memorisation_study
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+    zoo = open_zoo(cfg.zoo)
+    adapter = make_adapter(cfg.family, condition, zoo, _family_options(cfg))
+    z, groups = zoo_weights(zoo)
+    conds = {r["member_id"]: r["condition"] for r in zoo.members.to_pylist()}
+    keep = torch.tensor([conds[g] == condition for g in groups])
+    sampler = load_sampler(cfg.generator, cfg.method, cfg.t, cfg.steps, device="cpu")
+    n = cfg.memorisation_samples
+    method = getattr(sampler, "method", None)
+    unconditional = method is not None and method.conditioning is None
+    gen = sample_blocks_raw(sampler, None if unconditional else condition, n, cfg.seed).reshape(n, -1)
+    label = f"generated ({cfg.method}" + (f" t={cfg.t})" if cfg.method == "one_step" else f" {cfg.steps} steps)")
+    return memorisation_study(adapter, zoo.layout, z[keep], {label: gen},
+                              train_groups=[g for g, k in zip(groups, keep.tolist()) if k], n=n,
+                              sigmas=cfg.memorisation_sigmas, seed=cfg.seed, task=condition)
 
 
 def _publish(local_dir: str, uri: str) -> None:
@@ -172,6 +207,11 @@ def validate(cfg: EvaluateConfig) -> None:
             make_adapter(cfg.family, c, zoo, _family_options(cfg))
         except AdapterError as exc:
             raise ConfigError(str(exc)) from exc
+    if cfg.memorisation_tasks and not cfg.generator:
+        raise ConfigError("memorisation_tasks: needs generator (fresh samples of the seen tasks)")
+    for c in cfg.memorisation_tasks:
+        if c not in zoo.conditions():
+            raise ConfigError(f"memorisation_tasks: {c!r} is not a condition of the zoo (a seen task)")
     from ..sampling import FolderSampler, load_sampler
 
     try:
@@ -222,6 +262,13 @@ def evaluate(cfg: EvaluateConfig, address: str | None = None, show_progress: boo
         results = ray.get([remote.remote(cfg, c, samples_uri, False) for c in cfg.tasks])
     else:
         results = [_evaluate_one(cfg, c, samples_uri, show_progress) for c in cfg.tasks]
+    memo = []
+    if cfg.memorisation_tasks:
+        if cfg.parallel:
+            remote_m = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.num_gpus)(_memorisation_one)
+            memo = ray.get([remote_m.remote(cfg, c) for c in cfg.memorisation_tasks])
+        else:
+            memo = [_memorisation_one(cfg, c) for c in cfg.memorisation_tasks]
     header = {"zoo": cfg.zoo, "generator": cfg.generator or f"(samples reused from {cfg.samples})",
               "family": cfg.family, "sampling": (f"one-step direct recovery at t={cfg.t}" if cfg.method == "one_step"
                                                  else f"{cfg.method.upper()} with {cfg.steps} steps"),
@@ -232,15 +279,16 @@ def evaluate(cfg: EvaluateConfig, address: str | None = None, show_progress: boo
     out_root = resolve(cfg.output)
     if out_root.is_s3:
         with tempfile.TemporaryDirectory() as tmp:
-            write_report(results, tmp, header, print_table)
+            write_report(results, tmp, header, print_table, memorisation=memo)
             _publish(tmp, cfg.output)
     else:
-        write_report(results, out_root.path, header, print_table)
+        write_report(results, out_root.path, header, print_table, memorisation=memo)
     from .report import verdict_sentences
 
     return {"tasks": {r.task_id: r.table for r in results}, "verdict": verdict_sentences(results),
             "samples": {r.task_id: r.samples for r in results},
             "memorisation": {r.task_id: r.memorisation for r in results},
+            "zeng_memorisation": {m.task: m.to_dict() for m in memo},
             "report": out_root.join("report.md").uri}
 
 

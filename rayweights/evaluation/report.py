@@ -18,7 +18,8 @@ import numpy as np
 from ..fmt import cell as _f
 from .core import INIT_LABELS, TaskResult
 
-__all__ = ["render_markdown", "verdict_sentences", "plot_curves", "plot_mean_curves", "write_report"]
+__all__ = ["render_markdown", "verdict_sentences", "plot_curves", "plot_mean_curves", "write_report",
+           "memorisation_markdown"]
 
 
 def _slug(s: str) -> str:
@@ -197,9 +198,23 @@ def _jsonable(o):
     return o
 
 
+def memorisation_markdown(studies: Sequence[Any], images: Mapping[str, str]) -> str:
+    """The report section of Zeng et al.'s memorisation study (one table + scatter per seen task)."""
+    out = ["## Memorisation on seen tasks (accuracy vs novelty)", "",
+           "Baselines built from the training checkpoints (Zeng et al. 2025): Gaussian noise at several σ "
+           "(x the zoo's per-group std), the average of 16 random checkpoints, a per-coordinate Gaussian fitted "
+           "to the zoo; the zoo row scores each member against the other members (a fresh run's novelty).", ""]
+    for m in studies:
+        out += [m.table(), ""]
+        if m.task in images:
+            out += [f"![accuracy vs novelty, {m.task}]({images[m.task]})", ""]
+    return "\n".join(out)
+
+
 def write_report(results: Sequence[TaskResult], out_dir: str, header: Mapping[str, Any] | None = None,
-                 print_table: bool = True) -> str:
-    """Write report.md, results.json and the PNGs under ``out_dir`` (a local folder); returns the markdown."""
+                 print_table: bool = True, memorisation: Sequence[Any] = ()) -> str:
+    """Write report.md, results.json and the PNGs under ``out_dir`` (a local folder); returns the markdown.
+    ``memorisation``: :class:`rayweights.evaluation.memorisation.MemorisationResult` per seen task."""
     os.makedirs(out_dir, exist_ok=True)
     images = {}
     for r in results:
@@ -210,10 +225,18 @@ def write_report(results: Sequence[TaskResult], out_dir: str, header: Mapping[st
         plot_mean_curves(results, os.path.join(out_dir, "curves-mean.png"))
         images["__mean__"] = "curves-mean.png"
     md = render_markdown(results, header, images)
+    if memorisation:
+        memo_images = {}
+        for m in memorisation:
+            name = f"memorisation-{_slug(m.task)}.png"
+            m.plot(os.path.join(out_dir, name))
+            memo_images[m.task] = name
+        md = md.rstrip("\n") + "\n\n" + memorisation_markdown(memorisation, memo_images) + "\n"
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(md)
     payload = {"header": dict(header or {}), "verdict": verdict_sentences(results),
-               "tasks": [r.to_dict() for r in results]}
+               "tasks": [r.to_dict() for r in results],
+               "memorisation": [m.to_dict() for m in memorisation]}
     tmp = os.path.join(out_dir, f".results.json.tmp-{os.getpid()}")
     with open(tmp, "w") as f:                 # the done marker: written last, whole or not at all
         json.dump(_jsonable(payload), f, indent=1, default=str)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "rayweights.generator/1"
 GENERATOR_FILE = "generator.json"
+DATA_STATS_FILE = "data_stats.safetensors"
 SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2,
                           prediction_type="epsilon", clip_sample=False)
 MODEL_CLASSES = {c.__name__: c for c in (BlockUNet1D, PDiffAutoencoder, LatentDenoiser1D, WeightVAE, SetTransformer)}
@@ -189,6 +190,9 @@ class GeneratorMethod:
         self.pretrained = dict(pretrained or {})
         self.models: dict[str, nn.Module] = dict(models or {})
         self.features_bank: torch.Tensor | None = None
+        # method-specific fitted data statistics (p-diff: per-coordinate input standardisation and the
+        # latent mean); tensors, saved as data_stats.safetensors next to generator.json
+        self.data_stats: dict[str, torch.Tensor] = {}
         self._trainers: dict[str, nn.Module] = {}
         self._text_encoder: TextEncoder | None = None
         self._checked = False
@@ -389,7 +393,7 @@ class GeneratorMethod:
             "conditions": None if self.conditions is None else self.conditions.to_bytes(),
             "text_encoder": self.text_encoder_name, "dataset_options": self.dataset_options,
             "latent_scale": self.latent_scale, "pretrained": self.pretrained,
-            "features_bank": self.features_bank,
+            "features_bank": self.features_bank, "data_stats": dict(self.data_stats),
         }
 
     @classmethod
@@ -401,6 +405,7 @@ class GeneratorMethod:
                   state.get("dataset_options"), state.get("latent_scale"), state.get("pretrained"),
                   model_configs=state.get("model_configs"))
         m.features_bank = state.get("features_bank")
+        m.data_stats = dict(state.get("data_stats") or {})
         return m
 
     def save_pretrained(self, path: str, models: Sequence[str] | None = None) -> None:
@@ -426,6 +431,11 @@ class GeneratorMethod:
             if self.conditions is not None:
                 with open(os.path.join(out, ConditionCache.FILE), "wb") as f:
                     f.write(self.conditions.to_bytes())
+            if self.data_stats:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().float().contiguous().cpu() for k, v in self.data_stats.items()},
+                          os.path.join(out, DATA_STATS_FILE))
             meta = {
                 "format_version": FORMAT_VERSION, "method": self.name, "preset": self.preset,
                 "models": {k: type(self.model(k)).__name__ for k in keys},
@@ -517,6 +527,16 @@ class _LatentMethod(GeneratorMethod):
         self.latent_scale = 1.0 / max(std, 1e-6)
         return self.latent_scale
 
+    @torch.no_grad()
+    def reconstruct(self, weights: torch.Tensor, device="cpu") -> torch.Tensor:
+        """Raw weights [N, num_blocks*block_size] -> the first stage's reconstruction dec(enc(x)) (raw,
+        posterior mean, no noise augmentation): the autoencoder/VAE check of the diagnostics."""
+        L = self.layout
+        w = weights.float().reshape(-1, L.num_blocks, L.block_size)
+        z = self._latents(L.normalize(w).reshape(w.shape[0], -1).to(device), device, sample_posterior=False)
+        x = self._decode(z, device).float().cpu().reshape(-1, L.num_blocks, L.block_size)
+        return L.denormalize(x).reshape(w.shape[0], -1)
+
     def _scaled_latents(self, x0, device, sample_posterior=True):
         if self.latent_scale is None:
             raise GeneratorError(f"method {self.name}: latent_scale is not fitted (train the first stage first)")
@@ -557,16 +577,64 @@ class PDiff(_LatentMethod):
         self._fill("denoiser", "latent_length", zl, "the autoencoder's latent length")
         self.model_configs["denoiser"].setdefault("cond_dim", 0)
 
+    # p-diff's zoo is a few members' densely saved checkpoints: in per-group normalised space they
+    # sit within ~1e-2 of one common vector.  Two standardisations make that spread visible to the
+    # models (both fitted by the trainer, stored in data_stats, absent = identity for old exports):
+    # * inputs: per-coordinate mean/std over the zoo, so the autoencoder (and its 1e-3 input /
+    #   1e-1 latent noise augmentation) works on the checkpoints' differences at unit scale;
+    # * latents: per-coordinate mean removed and one scale factor (1 / std of the centred latents,
+    #   the latent-diffusion "scaling factor"), so the DDPM sees zero-mean, unit-variance data.
+    @torch.no_grad()
+    def fit_input_stats(self, weights: torch.Tensor, eps: float = 1e-6) -> dict[str, torch.Tensor]:
+        """Per-coordinate mean/std of the layout-normalised ``weights`` [N, num_blocks*block_size] (raw)."""
+        L = self.layout
+        x0 = L.normalize(weights.float().reshape(-1, L.num_blocks, L.block_size)).reshape(weights.shape[0], -1)
+        mask = L.valid_mask.reshape(-1).float()
+        std = x0.double().std(0, unbiased=False).float().clamp_min(eps) if x0.shape[0] > 1 else torch.ones_like(mask)
+        self.data_stats.update(input_mean=x0.double().mean(0).float() * mask, input_std=torch.where(mask > 0, std, 1.0))
+        self.data_stats.pop("latent_mean", None)           # latents of another input space
+        return self.data_stats
+
+    def _standardize(self, x0: torch.Tensor) -> torch.Tensor:
+        if "input_mean" not in self.data_stats:
+            return x0
+        m, s = (self.data_stats[k].to(x0.device, x0.dtype) for k in ("input_mean", "input_std"))
+        return (x0 - m) / s * (s > 0)
+
+    def _unstandardize(self, x: torch.Tensor) -> torch.Tensor:
+        if "input_mean" not in self.data_stats:
+            return x
+        m, s = (self.data_stats[k].to(x.device, x.dtype) for k in ("input_mean", "input_std"))
+        return x * s + m
+
     def _latents(self, x0, device, sample_posterior):
-        return self.frozen("autoencoder", device).encode(x0, noise=False)
+        z = self.frozen("autoencoder", device).encode(self._standardize(x0), noise=False)
+        if "latent_mean" in self.data_stats:
+            z = z - self.data_stats["latent_mean"].to(z.device, z.dtype)
+        return z
 
     def _decode(self, z, device):
-        return self.frozen("autoencoder", device).decode(z)
+        if "latent_mean" in self.data_stats:
+            z = z + self.data_stats["latent_mean"].to(z.device, z.dtype)
+        return self._unstandardize(self.frozen("autoencoder", device).decode(z))
+
+    @torch.no_grad()
+    def fit_latent_scale(self, weights: torch.Tensor, device="cpu") -> float:
+        """Latent mean per coordinate and 1 / std of the centred latents of ``weights`` (raw)."""
+        L = self.layout
+        self.data_stats.pop("latent_mean", None)
+        x0 = L.normalize(weights.float().view(-1, L.num_blocks, L.block_size)).view(weights.shape[0], -1)
+        z = self._latents(x0.to(device), device, sample_posterior=False).float().cpu()
+        self.data_stats["latent_mean"] = z.mean(0)
+        std = float((z - z.mean(0)).std()) if z.shape[0] > 1 else 1.0
+        self.latent_scale = 1.0 / max(std, 1e-6)
+        return self.latent_scale
 
     def prepare(self, stage, batch, device="cpu"):
         out = self._normalized(stage, batch, device)
         if stage == "diffusion":
             return {"x0": self._scaled_latents(out["x0"], device)}
+        out["x0"] = self._standardize(out["x0"])
         return out
 
     def build_trainer(self, stage):
@@ -733,9 +801,16 @@ def load_generator(uri: str) -> GeneratorMethod:
     base = get_preset(klass.name, meta["preset"])
     for k in base:
         configs.setdefault(k, {**base[k], **meta.get("model_overrides", {}).get(k, {})})
-    return klass(layout, meta["preset"], meta.get("model_overrides"), meta.get("scheduler"),
-                 meta.get("condition_names"), cache, meta.get("text_encoder"), meta.get("dataset_options"),
-                 meta.get("latent_scale"), models=models, model_configs=configs)
+    m = klass(layout, meta["preset"], meta.get("model_overrides"), meta.get("scheduler"),
+              meta.get("condition_names"), cache, meta.get("text_encoder"), meta.get("dataset_options"),
+              meta.get("latent_scale"), models=models, model_configs=configs)
+    try:
+        from safetensors.torch import load as st_load
+
+        m.data_stats = dict(st_load(read_bytes(root.join(DATA_STATS_FILE))))
+    except FileNotFoundError:
+        pass                                   # exports from before data stats: identity
+    return m
 
 
 # ----------------------------------------------------------------------------- the sampler adapter

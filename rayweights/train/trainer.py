@@ -145,6 +145,11 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
         method = build_method(cfg.method, layout, cfg.preset, **kwargs)
         if klass.conditioning == "dataset":
             method.build_features_bank()
+        if hasattr(method, "fit_input_stats"):       # p-diff: per-coordinate input standardisation
+            from .data import sample_weights_for_stats
+
+            w = sample_weights_for_stats(zoo, cfg.stats_members, cfg.seed)
+            method.fit_input_stats(w.reshape(w.shape[0], -1))
     except (GeneratorError, ConditioningError) as exc:
         raise TrainError(str(exc)) from exc
     rows = {}
