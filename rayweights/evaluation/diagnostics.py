@@ -28,13 +28,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..blocks import WeightLayout
+from ..errors import UserError, expected, job_main
 from ..fmt import cell
 
 __all__ = ["nn_distances", "group_stats", "invalid_fraction", "diversity", "diagnose", "Diagnosis", "GroupCheck",
@@ -374,6 +374,7 @@ def diagnose(samples, zoo, layout: WeightLayout | None = None, reconstructions=N
 
 
 # ----------------------------------------------------------------------------- the command
+@job_main
 def main(argv: Sequence[str] | None = None) -> int:
     """``rayweights diagnose-generator EXPORT ZOO [--num-samples N] [--output URI]``."""
     import argparse
@@ -393,22 +394,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--output", default=None, help="folder / URI for diagnosis.json and diagnosis.md")
     a = p.parse_args(argv)
-    from ..sampling import SamplingError, load_sampler
-    from ..storage import StorageError, resolve, write_bytes_atomic
-    from ..table import ZooError, open_zoo
+    from ..sampling import load_sampler
+    from ..storage import resolve, write_bytes_atomic
+    from ..table import open_zoo
 
     if a.num_samples < 1:
-        print("error: --num-samples: must be >= 1", file=sys.stderr)
-        return 2
-    try:
+        raise UserError("--num-samples: must be >= 1")
+    with expected(ValueError):       # storage, zoo and sampler errors are UserErrors already
         zoo = open_zoo(a.zoo)
         sampler = load_sampler(a.export, method=a.mode, t=a.t, steps=a.steps, device=a.device)
-    except (ZooError, SamplingError, StorageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     if not sampler.layout.same_structure(zoo.layout):
-        print(f"error: zoo: {a.zoo} does not have the layout of {a.export}", file=sys.stderr)
-        return 2
+        raise UserError(f"zoo: {a.zoo} does not have the layout of {a.export}")
     method = getattr(sampler, "method", None)
     conditional = getattr(method, "conditioning", "unknown") is not None
     conds = a.condition or (zoo.conditions()[:8] if conditional else [None])
