@@ -124,8 +124,17 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
                                    "default" if cfg.text_encoder in ("", "default") else enc.name_or_path)
             kwargs.update(conditions=cache, text_encoder=cfg.text_encoder)
         elif klass.conditioning == "dataset":
-            kwargs.update(condition_names=conds,
-                          dataset_options={"samples_per_class": cfg.dataset_samples_per_class, "seed": cfg.seed})
+            from ..config import ConfigError, to_dict
+            from ..zoo.families import read_zoo_spec
+
+            opts = {"samples_per_class": cfg.dataset_samples_per_class, "seed": cfg.seed}
+            try:
+                spec, _ = read_zoo_spec(cfg.zoo)
+            except (ConfigError, KeyError, ValueError) as exc:
+                raise TrainError(f"zoo: {cfg.zoo}/zoo_spec.json: {exc}") from exc
+            if spec is not None:             # any dataset the zoo's family can build
+                opts["zoo_spec"] = to_dict(spec)
+            kwargs.update(condition_names=conds, dataset_options=opts)
         method = build_method(cfg.method, layout, cfg.preset, **kwargs)
         if klass.conditioning == "dataset":
             method.build_features_bank()
