@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-generator": ("rayweights.train.cli:main", "train a weight generator (Ray Train + DeepSpeed)"),
     "sample-weights": ("rayweights.sampling:main", "sample weights for conditions, reassembled to safetensors"),
     "evaluate": ("rayweights.evaluation.cli:main", "fine-tune sampled vs baseline initialisations, report"),
+    "diagnose-generator": ("rayweights.evaluation.diagnostics:main",
+                           "a generator's samples vs its zoo: NN distances, reconstruction, statistics, validity"),
     "sweep": ("rayweights.sweep:main", "Ray Tune sweep over a tune_spaces/*.yaml space"),
     "learngene": ("rayweights.learngene.cli:main", "FINE learngene initialisation of variable-sized models"),
     "run-all": ("rayweights.pipeline:main", "the whole pipeline end to end on one config"),

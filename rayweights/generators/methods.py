@@ -517,6 +517,16 @@ class _LatentMethod(GeneratorMethod):
         self.latent_scale = 1.0 / max(std, 1e-6)
         return self.latent_scale
 
+    @torch.no_grad()
+    def reconstruct(self, weights: torch.Tensor, device="cpu") -> torch.Tensor:
+        """Raw weights [N, num_blocks*block_size] -> the first stage's reconstruction dec(enc(x)) (raw,
+        posterior mean, no noise augmentation): the autoencoder/VAE check of the diagnostics."""
+        L = self.layout
+        w = weights.float().reshape(-1, L.num_blocks, L.block_size)
+        z = self._latents(L.normalize(w).reshape(w.shape[0], -1).to(device), device, sample_posterior=False)
+        x = self._decode(z, device).float().cpu().reshape(-1, L.num_blocks, L.block_size)
+        return L.denormalize(x).reshape(w.shape[0], -1)
+
     def _scaled_latents(self, x0, device, sample_posterior=True):
         if self.latent_scale is None:
             raise GeneratorError(f"method {self.name}: latent_scale is not fitted (train the first stage first)")
