@@ -279,7 +279,11 @@ def _digits_features(condition: str, k: int, seed: int) -> torch.Tensor:
 
     if not re.fullmatch(r"digits:(\d+(?:,\d+)*)", condition):
         raise ConditioningError(f"condition {condition!r}: expected digits:<class>,<class>,...")
-    n = len(condition.split(":", 1)[1].split(","))
+    classes = [int(c) for c in condition.split(":", 1)[1].split(",")]
+    bad = [c for c in classes if not 0 <= c <= 9]
+    if bad:
+        raise ConditioningError(f"condition {condition!r}: digits has classes 0-9, not {bad[0]}")
+    n = len(classes)
     if n < 2:
         raise ConditioningError(f"condition {condition!r}: a dataset condition needs >= 2 classes")
     return _zoo_features(condition, k, seed, ZooSpec(name="digits", family="dataset-subsets", dataset="digits",

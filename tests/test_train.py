@@ -152,3 +152,22 @@ def test_train_generator_through_ray_job_submit(ray_head_cluster, tmp_path, zoo_
     assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
     gen = load_generator(str(tmp_path / "pdiff-tiny" / "export"))
     assert gen.sample(None, 2).shape[0] == 2
+
+
+@pytest.mark.parametrize("zero_stage,workers", [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2)],
+                         ids=["zero0", "zero1", "zero2", "zero3", "zero3-2workers"])
+def test_d2nwg_trains_every_stage_with_each_zero_stage(ray_local, tmp_path, zoo_uri, zero_stage, workers):
+    """D2NWG's three stages through train_generator at every ZeRO stage (the Set Transformer's
+    contrastive temperature is a parameter DeepSpeed broadcasts, flattens and partitions)."""
+    cfg = _cfg(zoo_uri, tmp_path, method="d2nwg", run_name=f"d2-z{zero_stage}-w{workers}", zero_stage=zero_stage,
+               num_workers=workers, batch_size=8, checkpoint_every=3, log_every=1, dataset_samples_per_class=3,
+               stages={"vae": {"steps": 3}, "dataset_encoder": {"steps": 3}, "diffusion": {"steps": 3}})
+    res = train_generator(cfg, show_progress=False)
+    for stage in ("vae", "dataset_encoder", "diffusion"):
+        assert res.stages[stage]["steps"] == 3 and res.stages[stage]["world_size"] == workers
+    gen = load_generator(res.export_uri)
+    enc = gen.model("dataset_encoder")
+    assert enc.logit_scale.shape == (1,) and torch.isfinite(enc.logit_scale).all()
+    assert gen.latent_scale and gen.conditions is not None and len(gen.conditions) == 3
+    x = gen.sample(["digits:0,1,2", "digits:1,5,9"], 2, mode="ddim", steps=3, seed=0)
+    assert x.shape == (4, gen.layout.num_blocks, gen.layout.block_size) and torch.isfinite(x).all()

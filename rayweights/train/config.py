@@ -90,6 +90,7 @@ class GeneratorTrainConfig:
     seed: int = 0
     # data and conditions
     stats_members: int = 256                     # members used to fit per-group normalisation stats
+    normalization: str = "group"                 # group | tensor: one mean/std per layout group or per tensor
     shuffle_buffer: int = 0                      # rows in each worker's local shuffle buffer (0: 8 batches)
     text_encoder: str = "default"                # HF name or path; default = packaged MiniLM
     dataset_samples_per_class: int = 10          # D2NWG: samples per class in a dataset's feature sets
@@ -123,6 +124,8 @@ class GeneratorTrainConfig:
             raise ValueError(f"precision: {self.precision!r} is not auto, bf16 or fp32")
         if self.lr_schedule not in ("constant", "linear_decay", "cosine"):
             raise ValueError(f"lr_schedule: {self.lr_schedule!r} is not constant, linear_decay or cosine")
+        if self.normalization not in ("group", "tensor"):
+            raise ValueError(f"normalization: {self.normalization!r} is not group or tensor")
         for f in ("num_workers", "steps", "batch_size", "gradient_accumulation", "checkpoint_every", "log_every",
                   "stats_members", "dataset_samples_per_class"):
             if getattr(self, f) < 1:

@@ -105,7 +105,7 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
         check_writable(run_uri)
     except StorageError as exc:
         raise TrainError(f"storage: {exc}") from exc
-    layout = fit_stats(zoo, cfg.stats_members, cfg.seed)
+    layout = fit_stats(zoo, cfg.stats_members, cfg.seed, cfg.normalization)
     prev = resolve(run_uri).join("layout.json")
     if exists(prev):
         old = WeightLayout.from_json(read_bytes(prev))
@@ -306,9 +306,17 @@ def _finish_stage(method, stage: str, plan: Plan) -> None:
     """Driver-side work between stages: latent scale after a first stage, D2NWG condition cache."""
     from .data import sample_weights_for_stats
 
+    w = None
     if getattr(method, "first_stage", None) == stage:
         w = sample_weights_for_stats(plan.zoo, plan.cfg.stats_members, plan.cfg.seed)
-        scale = method.fit_latent_scale(w.view(w.shape[0], -1))
+    finish_stage(method, stage, None if w is None else w.view(w.shape[0], -1))
+
+
+def finish_stage(method, stage: str, weights=None) -> None:
+    """Between stages: the latent scale after a first stage (from raw ``weights`` [N, D]), the
+    D2NWG condition cache after its dataset encoder."""
+    if getattr(method, "first_stage", None) == stage:
+        scale = method.fit_latent_scale(weights)
         log.info("latent scale after %s: %.4g", stage, scale)
     if method.name == "d2nwg" and stage == "dataset_encoder":
         method.build_condition_cache()
