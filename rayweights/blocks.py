@@ -168,6 +168,8 @@ class ParamSpec:
     dtype: str
     group: int
     offset: int          # offset inside the group's unpadded (rule-1 order) vector
+    mean: float | None = None     # per-tensor normalisation stats (``fit_stats(by="tensor")``)
+    std: float | None = None
 
     @property
     def numel(self) -> int:
@@ -249,6 +251,13 @@ class WeightLayout:
     @property
     def has_stats(self) -> bool:
         return all(g.mean is not None and g.std is not None for g in self.groups)
+
+    @property
+    def stats_by(self) -> str | None:
+        """``"tensor"`` (every parameter tensor has its own mean/std), ``"group"`` or None (no stats)."""
+        if not self.has_stats:
+            return None
+        return "tensor" if all(p.mean is not None and p.std is not None for p in self.params) else "group"
 
     def _cached(self, key, fn):
         if key not in self._cache:
@@ -379,8 +388,13 @@ class WeightLayout:
         return {p.name: out[p.name] for p in self.params}
 
     # ------------------------------------------------------------------ normalisation
-    def fit_stats(self, blocks: torch.Tensor, eps: float = 1e-8) -> "WeightLayout":
-        """Per-group mean/std over real weights of ``blocks`` [N, num_blocks, block_size]."""
+    def fit_stats(self, blocks: torch.Tensor, eps: float = 1e-8, by: str = "group") -> "WeightLayout":
+        """Per-group mean/std over real weights of ``blocks`` [N, num_blocks, block_size]; with
+        ``by="tensor"`` also every parameter tensor's own mean/std, which :meth:`normalize` then uses
+        (a group mixes tensors of different scales: a layer's weights ~0 with its BatchNorm scale ~1
+        and running variance > 0; one group mean/std leaves those far off zero in normalised space)."""
+        if by not in ("group", "tensor"):
+            raise LayoutError(f"by: {by!r} is not group or tensor")
         if blocks.dim() == 2:
             blocks = blocks.unsqueeze(0)
         if tuple(blocks.shape[1:]) != (self.num_blocks, self.block_size):
@@ -398,11 +412,35 @@ class WeightLayout:
         std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(eps)
         groups = tuple(dataclasses.replace(g, mean=float(m), std=float(sd))
                        for g, m, sd in zip(self.groups, mean.tolist(), std.tolist()))
-        return dataclasses.replace(self, groups=groups, _cache={})
+        params = tuple(dataclasses.replace(p, mean=None, std=None) for p in self.params)
+        if by == "tensor":
+            flat = x.reshape(x.shape[0], -1)
+            pos = self._param_index().reshape(-1)
+            params = []
+            for i, p in enumerate(self.params):
+                v = flat[:, pos == i]
+                params.append(dataclasses.replace(p, mean=float(v.mean()),
+                                                  std=max(float(v.std(unbiased=False)), eps)))
+            params = tuple(params)
+        return dataclasses.replace(self, params=params, groups=groups, _cache={})
+
+    def _param_index(self) -> torch.Tensor:
+        """int64 [num_blocks, block_size]: which parameter tensor sits at each position (-1: padding)."""
+        def build():
+            f32 = dataclasses.replace(self, params=tuple(dataclasses.replace(p, dtype="float32") for p in self.params),
+                                      _cache={})             # exact indices whatever the tensors' dtype
+            idx = f32.tokenize({p.name: torch.full(p.shape, float(i)) for i, p in enumerate(self.params)}).round().long()
+            return torch.where(self.valid_mask, idx, torch.full_like(idx, -1))
+        return self._cached("param_index", build)
 
     def _stat_vectors(self, device, dtype):
         if not self.has_stats:
             raise LayoutError("layout has no normalisation stats: call fit_stats first")
+        if self.stats_by == "tensor":              # position-wise [num_blocks, block_size]
+            pi = self._param_index().clamp_min(0).to(device)
+            mean = torch.tensor([p.mean for p in self.params], dtype=dtype, device=device)[pi]
+            std = torch.tensor([p.std for p in self.params], dtype=dtype, device=device)[pi]
+            return mean, std, self.valid_mask.to(device=device, dtype=dtype)
         mean = torch.tensor([g.mean for g in self.groups], dtype=dtype, device=device)[self.block_group.to(device)]
         std = torch.tensor([g.std for g in self.groups], dtype=dtype, device=device)[self.block_group.to(device)]
         return mean[:, None], std[:, None], self.valid_mask.to(device=device, dtype=dtype)
@@ -431,7 +469,8 @@ class WeightLayout:
             "num_blocks": self.num_blocks,
             "num_params": self.num_params,
             "params": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "group": p.group,
-                        "offset": p.offset} for p in self.params],
+                        "offset": p.offset, **({"mean": p.mean, "std": p.std} if p.mean is not None else {})}
+                       for p in self.params],
             "groups": [{"name": g.name, "params": list(g.params), "numel": g.numel, "num_blocks": g.num_blocks,
                         "first_block": g.first_block, "padding": g.num_blocks * self.block_size - g.numel,
                         "interleave": g.interleave, "mean": g.mean, "std": g.std} for g in self.groups],
@@ -447,8 +486,8 @@ class WeightLayout:
         if version != FORMAT_VERSION:
             raise LayoutError(f"layout format_version {version!r} is not supported (expected {FORMAT_VERSION!r})")
         try:
-            params = tuple(ParamSpec(p["name"], tuple(p["shape"]), p["dtype"], p["group"], p["offset"])
-                           for p in d["params"])
+            params = tuple(ParamSpec(p["name"], tuple(p["shape"]), p["dtype"], p["group"], p["offset"],
+                                     p.get("mean"), p.get("std")) for p in d["params"])
             groups = tuple(GroupSpec(g["name"], tuple(g["params"]), g["numel"], g["num_blocks"], g["first_block"],
                                      g.get("interleave", False), g.get("mean"), g.get("std")) for g in d["groups"])
             rule = d["rule"]
@@ -470,8 +509,9 @@ class WeightLayout:
 
     def same_structure(self, other: "WeightLayout") -> bool:
         """Equal up to normalisation stats."""
-        strip = lambda L: tuple(dataclasses.replace(g, mean=None, std=None) for g in L.groups)
-        return (self.block_size, self.rule, self.params, strip(self)) == (other.block_size, other.rule, other.params, strip(other))
+        strip = lambda L: (tuple(dataclasses.replace(g, mean=None, std=None) for g in L.groups),
+                           tuple(dataclasses.replace(p, mean=None, std=None) for p in L.params))
+        return (self.block_size, self.rule, strip(self)) == (other.block_size, other.rule, strip(other))
 
     def describe(self) -> str:
         rows = [f"WeightLayout: {len(self.params)} tensors, {self.num_params} weights, {len(self.groups)} groups, "

@@ -251,25 +251,44 @@ def register_dataset_resolver(prefix: str, fn: Callable[[str, int, int], torch.T
     _RESOLVERS[prefix] = fn
 
 
-def _digits_features(condition: str, k: int, seed: int) -> torch.Tensor:
-    from sklearn.datasets import load_digits
+def _spec_from(zoo_spec):
+    """A ZooSpec from a ZooSpec or its dict (as stored in a generator's ``dataset_options``)."""
+    from .config import ConfigError, from_dict
+    from .zoo.spec import ZooSpec
 
-    m = re.fullmatch(r"digits:(\d+(?:,\d+)*)", condition)
-    if not m:
+    if zoo_spec is None or isinstance(zoo_spec, ZooSpec):
+        return zoo_spec
+    try:
+        return from_dict(ZooSpec, zoo_spec)
+    except ConfigError as exc:
+        raise ConditioningError(f"dataset_options.zoo_spec: {exc}") from exc
+
+
+def _zoo_features(condition: str, k: int, seed: int, zoo_spec) -> torch.Tensor:
+    """Through the zoo family's public data API: the task's training examples per class."""
+    from .zoo.families import condition_features
+
+    try:
+        return condition_features(_spec_from(zoo_spec), condition, k, seed)
+    except (ValueError, IndexError) as exc:
+        raise ConditioningError(f"condition {condition!r}: {exc}") from exc
+
+
+def _digits_features(condition: str, k: int, seed: int) -> torch.Tensor:
+    """``digits:<class>,...`` without a zoo spec: the digits subsets family with its defaults."""
+    from .zoo.spec import ZooSpec
+
+    if not re.fullmatch(r"digits:(\d+(?:,\d+)*)", condition):
         raise ConditioningError(f"condition {condition!r}: expected digits:<class>,<class>,...")
-    classes = [int(c) for c in m.group(1).split(",")]
-    d = load_digits()
-    X = torch.from_numpy(d.data.astype("float32") / 16.0 - 0.5)
-    y = torch.from_numpy(d.target)
-    g = torch.Generator().manual_seed(int(seed))
-    out = []
-    for c in classes:
-        if not 0 <= c <= 9:
-            raise ConditioningError(f"condition {condition!r}: digits has classes 0-9, not {c}")
-        idx = (y == c).nonzero().view(-1)
-        pick = idx[torch.randperm(len(idx), generator=g)[:k]]
-        out.append(X[pick])
-    return torch.stack(out)
+    classes = [int(c) for c in condition.split(":", 1)[1].split(",")]
+    bad = [c for c in classes if not 0 <= c <= 9]
+    if bad:
+        raise ConditioningError(f"condition {condition!r}: digits has classes 0-9, not {bad[0]}")
+    n = len(classes)
+    if n < 2:
+        raise ConditioningError(f"condition {condition!r}: a dataset condition needs >= 2 classes")
+    return _zoo_features(condition, k, seed, ZooSpec(name="digits", family="dataset-subsets", dataset="digits",
+                                                            classes_per_task=n))
 
 
 def _file_features(condition: str, k: int, seed: int) -> torch.Tensor:
@@ -295,8 +314,15 @@ register_dataset_resolver("digits", _digits_features)
 register_dataset_resolver("features", _file_features)
 
 
-def dataset_features(condition: str, samples_per_class: int = 10, seed: int = 0) -> torch.Tensor:
-    """Per-class feature sets of the dataset a condition names: float32 ``[C, K, d]``."""
+def dataset_features(condition: str, samples_per_class: int = 10, seed: int = 0, zoo_spec=None) -> torch.Tensor:
+    """Per-class feature sets of the dataset a condition names: float32 ``[C, K, d]``.
+
+    With ``zoo_spec`` (the spec of the zoo the generator learns from, a ZooSpec or its dict) any
+    condition of that zoo's family is resolved through ``rayweights.zoo.families.condition_features``
+    (the data the members trained on, whatever the dataset); without it, the registered resolvers
+    (``digits:...`` with the digits family's defaults, ``features:<file>``)."""
+    if zoo_spec is not None and not condition.startswith("features:"):
+        return _zoo_features(condition, samples_per_class, seed, zoo_spec)
     prefix = condition.split(":", 1)[0] if ":" in condition else condition
     if prefix not in _RESOLVERS:
         raise ConditioningError(f"condition {condition!r}: no dataset resolver for {prefix!r} "
@@ -380,7 +406,15 @@ class SetTransformer(ModelMixin, ConfigMixin):
         self.set_pool = PMA(hidden_dim, num_heads)
         self.out = nn.Linear(hidden_dim, out_dim)
         self.weight_proj = nn.Linear(weight_dim, out_dim) if weight_dim > 0 else None
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        # a 1-element tensor, not a 0-dim one: DeepSpeed broadcasts/flattens parameters through
+        # ``p.data.view(torch.uint8)``, which a 0-dim tensor cannot do (any ZeRO stage)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / temperature)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "logit_scale"                  # checkpoints written with the former 0-dim scale
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() == 3:
@@ -407,7 +441,7 @@ def clip_contrastive_loss(weight_emb: torch.Tensor, dataset_emb: torch.Tensor, c
     negatives): weights->datasets is a U-way cross-entropy, datasets->weights averages over positives."""
     zw = F.normalize(weight_emb.float(), dim=-1)
     zd = F.normalize(dataset_emb.float(), dim=-1)
-    scale = logit_scale.float().clamp(max=math.log(100.0)).exp()
+    scale = logit_scale.float().reshape(()).clamp(max=math.log(100.0)).exp()
     logits = scale * zw @ zd.t()                                    # [B, U]
     loss_w = F.cross_entropy(logits, cond_ids)
     pos = F.one_hot(cond_ids, zd.shape[0]).t().float()              # [U, B]

@@ -151,3 +151,37 @@ def test_set_transformer_contrastive_pretraining_aligns_datasets_with_weights():
             torch.nn.functional.normalize(st.embed_weights(latents.view(-1, 4, 8)), dim=-1).t()
     assert (sim.argmax(0) == ids).all(), sim
     assert loss.item() < 0.5
+
+
+def test_dataset_conditions_resolve_through_the_zoo_family_for_any_dataset(tmp_path):
+    """A zoo on an image folder (images made here): its conditions describe D2NWG datasets through
+    the family's data API (the members' training split), not a digits-only loader."""
+    from PIL import Image
+
+    from rayweights.generators import build_method
+    from rayweights.config import to_dict
+    from rayweights.zoo import ZooSpec
+    from rayweights.zoo.families import condition_features, template_state_dict
+    from rayweights.blocks import WeightLayout
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(3):
+        os.makedirs(tmp_path / "shapes" / f"c{c}")
+        for i in range(8):
+            img = (torch.rand(8, 8, 3, generator=g) * 80 + 60 * c).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(img).save(tmp_path / "shapes" / f"c{c}" / f"{i}.png")
+    spec = ZooSpec(name="shapes", family="dataset-subsets", dataset=f"imagefolder:{tmp_path / 'shapes'}",
+                   image_size=8, classes_per_task=2, architecture="mlp3", arch_options={"hidden": 4})
+    f = condition_features(spec, "shapes:0,2", samples_per_class=4, seed=1)
+    assert f.shape == (2, 4, 3 * 8 * 8)
+    assert float(f[1].mean()) > float(f[0].mean())              # class 2 images are brighter
+    assert torch.equal(dataset_features("shapes:0,2", 4, 1, zoo_spec=to_dict(spec)), f)
+    with pytest.raises(ConditioningError, match="shapes:0,7"):
+        dataset_features("shapes:0,7", 4, 1, zoo_spec=spec)
+    sd = template_state_dict(spec)
+    layout = WeightLayout.from_state_dict(sd, block_size=32)
+    layout = layout.fit_stats(layout.tokenize(sd)[None])
+    m = build_method("d2nwg", layout, "tiny", condition_names=["shapes:0,1", "shapes:1,2"],
+                     dataset_options={"samples_per_class": 4, "zoo_spec": to_dict(spec)})
+    assert m.build_features_bank().shape == (2, 2, 4, 192)
+    assert m.model_configs["dataset_encoder"]["in_dim"] == 192

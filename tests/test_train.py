@@ -153,3 +153,88 @@ def test_train_generator_through_ray_job_submit(ray_head_cluster, tmp_path, zoo_
     assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
     gen = load_generator(str(tmp_path / "pdiff-tiny" / "export"))
     assert gen.sample(None, 2).shape[0] == 2
+
+
+@pytest.mark.parametrize("zero_stage,workers", [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2)],
+                         ids=["zero0", "zero1", "zero2", "zero3", "zero3-2workers"])
+def test_d2nwg_trains_every_stage_with_each_zero_stage(ray_local, tmp_path, zoo_uri, zero_stage, workers):
+    """D2NWG's three stages through train_generator at every ZeRO stage (the Set Transformer's
+    contrastive temperature is a parameter DeepSpeed broadcasts, flattens and partitions)."""
+    cfg = _cfg(zoo_uri, tmp_path, method="d2nwg", run_name=f"d2-z{zero_stage}-w{workers}", zero_stage=zero_stage,
+               num_workers=workers, batch_size=8, checkpoint_every=3, log_every=1, dataset_samples_per_class=3,
+               stages={"vae": {"steps": 3}, "dataset_encoder": {"steps": 3}, "diffusion": {"steps": 3}})
+    res = train_generator(cfg, show_progress=False)
+    for stage in ("vae", "dataset_encoder", "diffusion"):
+        assert res.stages[stage]["steps"] == 3 and res.stages[stage]["world_size"] == workers
+    gen = load_generator(res.export_uri)
+    enc = gen.model("dataset_encoder")
+    assert enc.logit_scale.shape == (1,) and torch.isfinite(enc.logit_scale).all()
+    assert gen.latent_scale and gen.conditions is not None and len(gen.conditions) == 3
+    x = gen.sample(["digits:0,1,2", "digits:1,5,9"], 2, mode="ddim", steps=3, seed=0)
+    assert x.shape == (4, gen.layout.num_blocks, gen.layout.block_size) and torch.isfinite(x).all()
+
+
+@pytest.fixture(scope="module")
+def one_rank_process_group():
+    """A one-rank gloo process group in this process (what a Ray Train worker has), for DeepSpeed."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            os.environ.setdefault(k, v)
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_d2nwg_stage_modules_initialize_and_step_under_each_zero_stage(one_rank_process_group, tmp_path, zoo_uri,
+                                                                       zero_stage):
+    """The worker's deepspeed.initialize on every D2NWG stage module (no Ray): DeepSpeed broadcasts
+    and flattens every parameter through ``p.data.view(torch.uint8)``, which a 0-dim parameter (the
+    Set Transformer's contrastive temperature) cannot do."""
+    import dataclasses
+
+    import deepspeed
+
+    from rayweights.train.config import resolved_stage
+    from rayweights.train.trainer import finish_stage
+    from rayweights.train.worker import deepspeed_config, gather_fp32_state_dict
+
+    cfg = _cfg(zoo_uri, tmp_path, method="d2nwg", zero_stage=zero_stage, num_workers=1, batch_size=8,
+               dataset_samples_per_class=3, stages={"vae": {"steps": 2}, "dataset_encoder": {"steps": 2},
+                                                    "diffusion": {"steps": 2}})
+    plan = preflight(cfg)
+    method, zoo = plan.method, plan.zoo
+    flat = zoo.blocks().reshape(len(zoo.blocks()), -1)
+    names = method.condition_names
+    cond = torch.tensor([names.index(c) for r in zoo.members.to_pylist() for c in [r["condition"]] * 2])
+    for stage in method.stages:
+        sc = resolved_stage(cfg, stage)
+        ds_cfg = deepspeed_config(sc, dataclasses.asdict(cfg), 1, False)
+        if zero_stage == 3:
+            with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+                module = method.trainer_module(stage)
+        else:
+            module = method.trainer_module(stage)
+        engine, _, _, _ = deepspeed.initialize(model=module, config=ds_cfg,
+                                               model_parameters=[p for p in module.parameters() if p.requires_grad])
+        for step in range(2):
+            idx = torch.arange(8) + 8 * step
+            loss = engine(**method.prepare(stage, {"weights": flat[idx], "cond_id": cond[idx]}))
+            engine.backward(loss)
+            engine.step()
+            assert torch.isfinite(loss)
+        key = method.stage_model[stage]              # the worker's export of a (possibly partitioned) model
+        sd = gather_fp32_state_dict(engine, method.model(key))
+        model = type(method.model(key)).from_config(method.model(key).config)
+        model.load_state_dict(sd)
+        method.models[key] = model
+        finish_stage(method, stage, flat)
+    assert method.model("dataset_encoder").logit_scale.shape == (1,)

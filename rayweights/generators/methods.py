@@ -678,7 +678,8 @@ class D2NWG(_LatentMethod):
         """Per-class feature sets [n, C, K, d] of the datasets the conditions name."""
         k = int(self.dataset_options["samples_per_class"])
         s = int(self.dataset_options["seed"] if seed is None else seed)
-        feats = [dataset_features(c, k, s) for c in conditions]
+        spec = self.dataset_options.get("zoo_spec")
+        feats = [dataset_features(c, k, s, spec) for c in conditions]
         shapes = {tuple(f.shape) for f in feats}
         if len(shapes) > 1:
             raise ConditioningError(f"dataset features differ in shape across conditions: {sorted(shapes)[:3]} "

@@ -30,12 +30,13 @@ def sample_weights_for_stats(zoo: Zoo, max_members: int = 256, seed: int = 0) ->
     return zoo.blocks(_stat_members(zoo, max_members, seed))
 
 
-def fit_stats(zoo: Zoo, max_members: int = 256, seed: int = 0) -> WeightLayout:
-    """The zoo layout with per-group mean/std: the stored ones if the zoo has them, else fitted on a
-    deterministic sample of ``max_members`` members (never the whole table)."""
-    if zoo.layout.has_stats:
+def fit_stats(zoo: Zoo, max_members: int = 256, seed: int = 0, by: str = "group") -> WeightLayout:
+    """The zoo layout with normalisation stats (``by``: per ``"group"`` or per ``"tensor"``, see
+    ``WeightLayout.fit_stats``): the stored ones if the zoo has them at that granularity, else fitted
+    on a deterministic sample of ``max_members`` members (never the whole table)."""
+    if zoo.layout.stats_by == by:
         return zoo.layout
-    return zoo.layout.fit_stats(sample_weights_for_stats(zoo, max_members, seed))
+    return zoo.layout.fit_stats(sample_weights_for_stats(zoo, max_members, seed), by=by)
 
 
 def num_rows(zoo: Zoo, unit: str) -> int:

@@ -121,7 +121,7 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
         check_writable(run_uri)
     except StorageError as exc:
         raise TrainError(f"storage: {exc}") from exc
-    layout = fit_stats(zoo, cfg.stats_members, cfg.seed)
+    layout = fit_stats(zoo, cfg.stats_members, cfg.seed, cfg.normalization)
     prev = resolve(run_uri).join("layout.json")
     if exists(prev):
         old = WeightLayout.from_json(read_bytes(prev))
@@ -140,8 +140,17 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
                                    "default" if cfg.text_encoder in ("", "default") else enc.name_or_path)
             kwargs.update(conditions=cache, text_encoder=cfg.text_encoder)
         elif klass.conditioning == "dataset":
-            kwargs.update(condition_names=conds,
-                          dataset_options={"samples_per_class": cfg.dataset_samples_per_class, "seed": cfg.seed})
+            from ..config import ConfigError, to_dict
+            from ..zoo.families import read_zoo_spec
+
+            opts = {"samples_per_class": cfg.dataset_samples_per_class, "seed": cfg.seed}
+            try:
+                spec, _ = read_zoo_spec(cfg.zoo)
+            except (ConfigError, KeyError, ValueError) as exc:
+                raise TrainError(f"zoo: {cfg.zoo}/zoo_spec.json: {exc}") from exc
+            if spec is not None:             # any dataset the zoo's family can build
+                opts["zoo_spec"] = to_dict(spec)
+            kwargs.update(condition_names=conds, dataset_options=opts)
         method = build_method(cfg.method, layout, cfg.preset, **kwargs)
         if klass.conditioning == "dataset":
             method.build_features_bank()
@@ -323,9 +332,17 @@ def _finish_stage(method, stage: str, plan: Plan) -> None:
     """Driver-side work between stages: latent scale after a first stage, D2NWG condition cache."""
     from .data import sample_weights_for_stats
 
+    w = None
     if getattr(method, "first_stage", None) == stage:
         w = sample_weights_for_stats(plan.zoo, plan.cfg.stats_members, plan.cfg.seed)
-        scale = method.fit_latent_scale(w.view(w.shape[0], -1))
+    finish_stage(method, stage, None if w is None else w.view(w.shape[0], -1))
+
+
+def finish_stage(method, stage: str, weights=None) -> None:
+    """Between stages: the latent scale after a first stage (from raw ``weights`` [N, D]), the
+    D2NWG condition cache after its dataset encoder."""
+    if getattr(method, "first_stage", None) == stage:
+        scale = method.fit_latent_scale(weights)
         log.info("latent scale after %s: %.4g", stage, scale)
     if method.name == "d2nwg" and stage == "dataset_encoder":
         method.build_condition_cache()

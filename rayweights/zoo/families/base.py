@@ -67,6 +67,12 @@ class Family:
                      device: str = "cpu") -> list[Checkpoint]:
         raise NotImplementedError
 
+    def condition_features(self, spec, condition: str, samples_per_class: int, seed: int = 0):
+        """Per-class example sets of the data a condition names, as the members saw it: float32
+        ``[C, K, d]`` (K = ``samples_per_class`` training examples of each class, flattened), for
+        dataset-conditioned generators (D2NWG).  Families without class-structured data raise."""
+        raise ValueError(f"family: {self.name} has no per-class data to describe condition {condition!r}")
+
     #: the metric summarised per member in the build results (higher or lower is better)
     score_metric: str = "val_acc"
 

@@ -109,6 +109,22 @@ class DatasetSubsets(Family):
     def train_member(self, spec, task, seed, hparams, select_names=None, device="cpu"):
         return train_classifier(spec, task, seed, hparams, select_names, device, partial=False)
 
+    def condition_features(self, spec, condition, samples_per_class, seed=0):
+        task = task_from_condition(condition)
+        (X, y), _ = task_data(spec, task)
+        X = X.reshape(X.shape[0], -1).float()
+        g = torch.Generator().manual_seed(int(seed))
+        out = []
+        for i, c in enumerate(task.classes):
+            idx = (y == i).nonzero().view(-1)
+            if len(idx) == 0:
+                raise ValueError(f"tasks: class {c} of {condition} has no training examples")
+            # fewer examples than asked (small max_examples_per_class): draw with replacement
+            pick = (idx[torch.randperm(len(idx), generator=g)[:samples_per_class]] if len(idx) >= samples_per_class
+                    else idx[torch.randint(len(idx), (samples_per_class,), generator=g)])
+            out.append(X[pick])
+        return torch.stack(out)
+
 
 class Partial(DatasetSubsets):
     name = "partial"
