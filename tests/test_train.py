@@ -155,11 +155,14 @@ def test_train_generator_through_ray_job_submit(ray_head_cluster, tmp_path, zoo_
     assert gen.sample(None, 2).shape[0] == 2
 
 
-@pytest.mark.parametrize("zero_stage,workers", [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2)],
-                         ids=["zero0", "zero1", "zero2", "zero3", "zero3-2workers"])
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage,workers", [(0, 1), (2, 2), (3, 2)],
+                         ids=["zero0", "zero2-2workers", "zero3-2workers"])
 def test_d2nwg_trains_every_stage_with_each_zero_stage(ray_local, tmp_path, zoo_uri, zero_stage, workers):
-    """D2NWG's three stages through train_generator at every ZeRO stage (the Set Transformer's
-    contrastive temperature is a parameter DeepSpeed broadcasts, flattens and partitions)."""
+    """D2NWG's three stages through train_generator under ZeRO 0, 2 and 3 (the Set Transformer's
+    contrastive temperature is a parameter DeepSpeed broadcasts, flattens and partitions). One worker
+    runs ZeRO-0 for ZeRO-1/2 (nothing to partition), so the partitioned stages run on two workers; every
+    stage 0-3 on one rank is the test below."""
     cfg = _cfg(zoo_uri, tmp_path, method="d2nwg", run_name=f"d2-z{zero_stage}-w{workers}", zero_stage=zero_stage,
                num_workers=workers, batch_size=8, checkpoint_every=3, log_every=1, dataset_samples_per_class=3,
                stages={"vae": {"steps": 3}, "dataset_encoder": {"steps": 3}, "diffusion": {"steps": 3}})
@@ -218,6 +221,7 @@ def test_d2nwg_stage_modules_initialize_and_step_under_each_zero_stage(one_rank_
     for stage in method.stages:
         sc = resolved_stage(cfg, stage)
         ds_cfg = deepspeed_config(sc, dataclasses.asdict(cfg), 1, False)
+        ds_cfg["zero_optimization"]["stage"] = zero_stage   # the worker runs ZeRO-0 for 1/2 on one rank; not here
         if zero_stage == 3:
             with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
                 module = method.trainer_module(stage)
