@@ -138,6 +138,35 @@ def gather_fp32_state_dict(engine, module: torch.nn.Module) -> dict[str, torch.T
     return out if rank == 0 else None
 
 
+def build_engine(method, stage: str, ds_cfg: dict, gradient_checkpointing: bool = False):
+    """The DeepSpeed engine of one stage's trainer module, in a process whose torch.distributed
+    group is already up (Ray Train's torch backend made it). Returns ``(engine, module)``.
+
+    DeepSpeed keeps its own communication state (``deepspeed.comm``), separate from
+    torch.distributed. ``zero.Init`` reads the world size from it *before* initialising it, and
+    falls back to one rank when it is not yet up: under ZeRO-3 on N workers its batch check then
+    reads ``train_batch_size != micro × accum × 1``. So attach deepspeed.comm to the existing group
+    first (init_distributed wraps an initialised torch.distributed group, it does not make a new one).
+    """
+    import deepspeed                       # deferred: a heavy import that probes accelerators
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=tdist.get_backend())
+    if int(ds_cfg["zero_optimization"]["stage"]) == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+            module = method.trainer_module(stage)
+    else:
+        module = method.trainer_module(stage)
+    model = method.model(method.stage_model[stage])
+    if gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_cfg,
+                                           model_parameters=[p for p in module.parameters() if p.requires_grad])
+    install_safe_checkpoint_loading(engine)
+    return engine, module
+
+
 # ----------------------------------------------------------------------------- the loop
 def _fault(cfg: dict, stage: str, step: int, rank: int, first_stage: str) -> None:
     fi = cfg["fault_injection"]
@@ -156,7 +185,6 @@ def _fault(cfg: dict, stage: str, step: int, rank: int, first_stage: str) -> Non
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import deepspeed
     import ray.train
     import ray.train.torch
 
@@ -176,17 +204,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     method = GeneratorMethod.from_state(config["method_state"])
     ds_cfg = deepspeed_config(sc, cfg, world, bf16)
-    if int(cfg["zero_stage"]) == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
-            module = method.trainer_module(stage)
-    else:
-        module = method.trainer_module(stage)
+    engine, module = build_engine(method, stage, ds_cfg, gradient_checkpointing=bool(cfg.get("gradient_checkpointing")))
     model_key = method.stage_model[stage]
-    if cfg.get("gradient_checkpointing") and hasattr(method.model(model_key), "enable_gradient_checkpointing"):
-        method.model(model_key).enable_gradient_checkpointing()
-    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_cfg,
-                                           model_parameters=[p for p in module.parameters() if p.requires_grad])
-    install_safe_checkpoint_loading(engine)
 
     total = int(sc["steps"])
     step = 0
