@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampling", nargs="+", default=["default"],
                    help="one_step:<t> | ddim:<steps> | ddpm:<steps> | default (sample-weights' default)")
     p.add_argument("--set", action="append", default=[], help="training config override key=value")
+    p.add_argument("--init", choices=["member", "shared"], default="member",
+                   help="zoo members' initialisation when the zoo is built here (ZooSpec.init)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     zdir = a.zoo or os.path.join(tempfile.mkdtemp(prefix="bench-cond-"), "zoo")
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     if os.path.exists(os.path.join(zdir, "_manifest")):
         zoo = open_zoo(zdir)
     else:
-        zoo, _ = build_subsets_zoo(zdir)
+        zoo, _ = build_subsets_zoo(zdir, init=a.init)
     spec, held = read_zoo_spec(zoo.uri)
     print(f"zoo {zdir}: {len(zoo)} members, {len(zoo.conditions())} tasks, held out {held or HELD_OUT} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)

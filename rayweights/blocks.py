@@ -42,6 +42,8 @@ FORMAT_VERSION = "rayweights.layout/1"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# per-tensor stats model these tensors as log(x) when every zoo value is positive (BatchNorm variances)
+LOG_SUFFIXES = ("running_var",)
 _LORA_RE = re.compile(r"(^|\.)(lora_down|lora_up|lora_A|lora_B|lora_a|lora_b)(\.default)?$")
 _LORA_NAME_RE = re.compile(r"(^|\.)(lora_down|lora_up|lora_A|lora_B|lora_a|lora_b)(\.|$)")
 
@@ -170,6 +172,7 @@ class ParamSpec:
     offset: int          # offset inside the group's unpadded (rule-1 order) vector
     mean: float | None = None     # per-tensor normalisation stats (``fit_stats(by="tensor")``)
     std: float | None = None
+    transform: str | None = None  # "log": normalised as log(x) (a positive tensor, e.g. BN running_var)
 
     @property
     def numel(self) -> int:
@@ -412,15 +415,20 @@ class WeightLayout:
         std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(eps)
         groups = tuple(dataclasses.replace(g, mean=float(m), std=float(sd))
                        for g, m, sd in zip(self.groups, mean.tolist(), std.tolist()))
-        params = tuple(dataclasses.replace(p, mean=None, std=None) for p in self.params)
+        params = tuple(dataclasses.replace(p, mean=None, std=None, transform=None) for p in self.params)
         if by == "tensor":
             flat = x.reshape(x.shape[0], -1)
             pos = self._param_index().reshape(-1)
             params = []
             for i, p in enumerate(self.params):
                 v = flat[:, pos == i]
-                params.append(dataclasses.replace(p, mean=float(v.mean()),
-                                                  std=max(float(v.std(unbiased=False)), eps)))
+                # a variance is modelled as its log, so every generated variance is positive (a
+                # denoiser's error around a small variance otherwise crosses zero: an invalid network)
+                log = p.name.endswith(LOG_SUFFIXES) and v.numel() > 0 and bool((v > 0).all())
+                if log:
+                    v = v.log()
+                params.append(dataclasses.replace(p, mean=float(v.mean()), std=max(float(v.std(unbiased=False)), eps),
+                                                  transform="log" if log else None))
             params = tuple(params)
         return dataclasses.replace(self, params=params, groups=groups, _cache={})
 
@@ -440,24 +448,34 @@ class WeightLayout:
             pi = self._param_index().clamp_min(0).to(device)
             mean = torch.tensor([p.mean for p in self.params], dtype=dtype, device=device)[pi]
             std = torch.tensor([p.std for p in self.params], dtype=dtype, device=device)[pi]
-            return mean, std, self.valid_mask.to(device=device, dtype=dtype)
+            valid = self.valid_mask.to(device)
+            log = torch.tensor([p.transform == "log" for p in self.params], device=device)[pi] & valid
+            return mean, std, valid.to(dtype), (log if bool(log.any()) else None)
         mean = torch.tensor([g.mean for g in self.groups], dtype=dtype, device=device)[self.block_group.to(device)]
         std = torch.tensor([g.std for g in self.groups], dtype=dtype, device=device)[self.block_group.to(device)]
-        return mean[:, None], std[:, None], self.valid_mask.to(device=device, dtype=dtype)
+        return mean[:, None], std[:, None], self.valid_mask.to(device=device, dtype=dtype), None
 
     def normalize(self, blocks: torch.Tensor, block_index: torch.Tensor | None = None) -> torch.Tensor:
-        """(blocks - mean_g) / std_g on real weights; padding stays 0. ``blocks`` [..., nb, bs],
-        or [..., bs] rows with their global ``block_index``."""
-        mean, std, mask = self._stat_vectors(blocks.device, blocks.dtype)
+        """(blocks - mean) / std on real weights (per group, or per tensor; a ``log`` tensor is
+        standardised as log(x)); padding stays 0. ``blocks`` [..., nb, bs], or [..., bs] rows with
+        their global ``block_index``."""
+        mean, std, mask, log = self._stat_vectors(blocks.device, blocks.dtype)
         if block_index is not None:
             mean, std, mask = mean[block_index], std[block_index], mask[block_index]
+            log = None if log is None else log[block_index]
+        if log is not None:
+            blocks = torch.where(log, blocks.clamp_min(torch.finfo(blocks.dtype).tiny).log(), blocks)
         return (blocks - mean) / std * mask
 
     def denormalize(self, blocks: torch.Tensor, block_index: torch.Tensor | None = None) -> torch.Tensor:
-        mean, std, mask = self._stat_vectors(blocks.device, blocks.dtype)
+        mean, std, mask, log = self._stat_vectors(blocks.device, blocks.dtype)
         if block_index is not None:
             mean, std, mask = mean[block_index], std[block_index], mask[block_index]
-        return (blocks * std + mean) * mask
+            log = None if log is None else log[block_index]
+        x = blocks * std + mean
+        if log is not None:
+            x = torch.where(log, x.exp(), x)
+        return x * mask
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -469,7 +487,8 @@ class WeightLayout:
             "num_blocks": self.num_blocks,
             "num_params": self.num_params,
             "params": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "group": p.group,
-                        "offset": p.offset, **({"mean": p.mean, "std": p.std} if p.mean is not None else {})}
+                        "offset": p.offset, **({"mean": p.mean, "std": p.std} if p.mean is not None else {}),
+                        **({"transform": p.transform} if p.transform else {})}
                        for p in self.params],
             "groups": [{"name": g.name, "params": list(g.params), "numel": g.numel, "num_blocks": g.num_blocks,
                         "first_block": g.first_block, "padding": g.num_blocks * self.block_size - g.numel,
@@ -487,7 +506,7 @@ class WeightLayout:
             raise LayoutError(f"layout format_version {version!r} is not supported (expected {FORMAT_VERSION!r})")
         try:
             params = tuple(ParamSpec(p["name"], tuple(p["shape"]), p["dtype"], p["group"], p["offset"],
-                                     p.get("mean"), p.get("std")) for p in d["params"])
+                                     p.get("mean"), p.get("std"), p.get("transform")) for p in d["params"])
             groups = tuple(GroupSpec(g["name"], tuple(g["params"]), g["numel"], g["num_blocks"], g["first_block"],
                                      g.get("interleave", False), g.get("mean"), g.get("std")) for g in d["groups"])
             rule = d["rule"]
@@ -497,6 +516,8 @@ class WeightLayout:
         for p in layout.params:
             if p.dtype not in _DTYPES:
                 raise LayoutError(f"{p.name}: unknown dtype {p.dtype!r} in layout")
+            if p.transform not in (None, "log"):
+                raise LayoutError(f"{p.name}: unknown transform {p.transform!r} in layout (log or none)")
         return layout
 
     @classmethod
@@ -510,7 +531,7 @@ class WeightLayout:
     def same_structure(self, other: "WeightLayout") -> bool:
         """Equal up to normalisation stats."""
         strip = lambda L: (tuple(dataclasses.replace(g, mean=None, std=None) for g in L.groups),
-                           tuple(dataclasses.replace(p, mean=None, std=None) for p in L.params))
+                           tuple(dataclasses.replace(p, mean=None, std=None, transform=None) for p in L.params))
         return (self.block_size, self.rule, strip(self)) == (other.block_size, other.rule, strip(other))
 
     def describe(self) -> str:

@@ -40,12 +40,12 @@ HELD_OUT = ["digits:0,1,2,5", "digits:3,4,7,8", "digits:1,6,8,9"]
 
 
 def build_subsets_zoo(output: str, max_tasks: int = 10, held_out=HELD_OUT, members: int = 2, epochs=(5, 6),
-                      hidden: int = 16, keep_last: int = 2, block_size: int = 128):
+                      hidden: int = 16, keep_last: int = 2, block_size: int = 128, init: str = "member"):
     """A 4-class digits-subsets zoo of an MLP-3 (BatchNorm) built in this process (no Ray)."""
     spec = ZooSpec(name="digits-4class", output=output, family="dataset-subsets", dataset="digits",
                    classes_per_task=4, max_tasks=max_tasks, held_out=list(held_out), architecture="mlp3",
                    arch_options={"hidden": hidden}, members_per_task=members, keep_last=keep_last,
-                   block_size=block_size, rule=1)
+                   block_size=block_size, rule=1, init=init)
     spec.hparams.lr = [0.005, 0.02]
     spec.hparams.epochs = list(epochs)
     build_zoo(spec, use_ray=False, progress=False)

@@ -169,3 +169,28 @@ def test_registry_accepts_new_rules():
         assert torch.equal(L.detokenize(L.tokenize(_lora_sd()))["enc.1.fc.weight"], torch.ones(5, 4))
     finally:
         GROUPING_RULES.pop("one-group")
+
+
+def test_per_tensor_stats_model_variances_as_logs_so_every_decoded_variance_is_positive():
+    torch.manual_seed(0)
+    base = {"0.weight": torch.randn(4, 8), "1.weight": torch.ones(4), "1.bias": torch.zeros(4),
+            "1.running_mean": torch.zeros(4), "1.running_var": torch.ones(4)}
+    sds = [{k: v + 0.1 * torch.randn_like(v) if k != "1.running_var" else torch.rand(4) * 0.2 + 0.01
+            for k, v in base.items()} for _ in range(8)]
+    layout = WeightLayout.from_state_dict(sds[0], rule=1, block_size=16)
+    blocks = torch.stack([layout.tokenize(sd) for sd in sds])
+    fitted = layout.fit_stats(blocks, by="tensor")
+    assert {p.name for p in fitted.params if p.transform == "log"} == {"1.running_var"}
+    assert torch.allclose(fitted.denormalize(fitted.normalize(blocks)), blocks, atol=1e-5)
+    z = fitted.normalize(blocks)
+    assert abs(float(z[fitted.valid_mask.expand_as(z)].std()) - 1) < 0.05    # log-space stats standardise it
+    noisy = fitted.denormalize(torch.randn_like(z) * 3)                     # a poor denoiser's output
+    assert all((fitted.detokenize(x)["1.running_var"] > 0).all() for x in noisy)
+    by_group = layout.fit_stats(blocks, by="group")           # the linear model crosses zero there
+    assert any((by_group.detokenize(x)["1.running_var"] < 0).any() for x in by_group.denormalize(torch.randn_like(z) * 3))
+    again = WeightLayout.from_json(fitted.to_json())
+    assert again == fitted and again.same_structure(layout)
+    bad = json.loads(fitted.to_json())
+    bad["params"][-1]["transform"] = "sqrt"
+    with pytest.raises(LayoutError, match="running_var: unknown transform 'sqrt'"):
+        WeightLayout.from_dict(bad)

@@ -284,6 +284,24 @@ def test_spec_validation_names_the_field(tmp_path):
     bad("optimizer", "optimizer=lion")
     bad("device", "device=tpu")
     bad("val_fraction", "val_fraction=1.5")
+    bad("init", "init=pretrained")
+
+
+def test_shared_init_starts_every_member_of_every_task_from_one_initialisation():
+    """``init: shared``: members of different tasks differ only by what training did (one basin);
+    ``init: member``: each starts from its own draw."""
+    from rayweights.zoo.families.subsets import train_classifier
+
+    def first_layer(init, task, seed):
+        spec = load_config(ZooSpec, TINY, [f"init={init}", "classes_per_task=4"])
+        kept = train_classifier(spec, F.task_from_condition(task), seed, {"lr": 1e-9, "weight_decay": 0.0,
+                                                                           "epochs": 1}, None)
+        return next(v for k, v in kept[-1][1].items() if k.endswith("weight") and v.dim() == 2)
+
+    shared = [first_layer("shared", t, s) for t, s in (("digits:0,1,2,3", 1), ("digits:4,5,6,7", 2))]
+    own = [first_layer("member", t, s) for t, s in (("digits:0,1,2,3", 1), ("digits:4,5,6,7", 2))]
+    assert torch.allclose(shared[0], shared[1], atol=1e-5)       # lr ~0: still the one initialisation
+    assert not torch.allclose(own[0], own[1], atol=1e-2)
 
 
 def test_hparams_drawn_per_member_deterministically():

@@ -8,6 +8,7 @@ data or the output URI (dataset paths, the task list, the layout, a probe write)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from . import architectures
 
@@ -106,6 +107,10 @@ class ZooSpec:
     train_only_selected: bool = False         # partial and concepts always train only the selected ones
     members_per_task: int = 2
     seed: int = 0
+    # member: every member starts from its own random initialisation; shared: every member of every task
+    # starts from one initialisation (seeded by ``seed``), so the zoo lies in one basin and its members'
+    # units correspond across tasks (the setting of fine-tuned zoos, which conditional generators interpolate)
+    init: Literal["member", "shared"] = "member"
     hparams: HParamRanges = field(default_factory=HParamRanges)
     keep_last: int = 2                        # checkpoints kept: last K epochs (partial: last K steps)
     base_epochs: int = 10                     # partial: per-task base model; concepts: the base generator

@@ -204,7 +204,10 @@ def train_classifier(spec, task: Task, seed: int, hparams: dict, select_names=No
     torch.manual_seed(seed)
     (Xtr, ytr), (Xva, yva) = task_data(spec, task)
     Xtr, ytr, Xva, yva = (t.to(device) for t in (Xtr, ytr, Xva, yva))
+    if spec.init == "shared":        # one initialisation for the whole zoo; the member's seed orders its data
+        torch.manual_seed(spec.seed)
     model = architectures.build(spec.architecture, tuple(Xtr.shape[1:]), len(task.classes), **spec.arch_options)
+    torch.manual_seed(seed)
     if base is not None:
         model.load_state_dict(base)
     model.to(device)
