@@ -53,6 +53,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        members = [arg for arg in args if arg is not type(None)]
+        if len(members) == 1:                  # Optional[X]: X's own message names what is wrong
+            return _coerce(value, members[0], path)
         errors = []
         for arg in args:
             if arg is type(None):
