@@ -29,7 +29,9 @@ Samplers (all implement :class:`rayweights.evaluation.protocols.WeightSampler`):
   zoo in normalised weight space (a KDE-like baseline generator, also the test double);
 * :class:`FolderSampler` — replays the weight sets of a ``sample-weights`` output folder.
 
-:func:`load_sampler` opens any of them from a folder.
+:func:`load_sampler` opens any of them from a folder.  (Over ~400 lines because the samplers and the
+job share one folder format — ``samples.json``, ``sampler.json``, ``layout.json``; the diffusion
+itself lives in :mod:`rayweights.generators.diffusion`.)
 """
 
 from __future__ import annotations
