@@ -234,6 +234,10 @@ def test_bad_inputs_are_named(tmp_path, layout, zoo):
         build_method("pdiff", raw)
     with pytest.raises(GeneratorError, match="model.*unknown"):
         build_method("pdiff", layout, model_overrides={"unet": {}})
+    with pytest.raises(GeneratorError, match="model.autoencoder.chanels: not a keyword of PDiffAutoencoder"):
+        build_method("pdiff", layout, model_overrides={"autoencoder": {"chanels": [4, 4]}})
+    with pytest.raises(GeneratorError, match="scheduler.prediction_type"):
+        build_method("pdiff", layout, scheduler={"prediction_type": "flow"})
     # a generator config whose block size disagrees with the table's
     with pytest.raises(GeneratorError, match="block_size"):
         build_method("denoised_weights", layout, model_overrides={"denoiser": {"block_size": 32}},

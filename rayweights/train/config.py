@@ -9,11 +9,11 @@ raise the lr), p-diff lr 1e-3 / wd 2e-6, D2NWG lr 1e-4.
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..config import check_keywords
 from ..generators import METHODS, SchedulerConfig, UnknownPresetError, get_preset
 
 __all__ = ["GeneratorTrainConfig", "StageConfig", "FaultInjection", "resolved_stage", "LRSchedule"]
@@ -116,7 +116,7 @@ class GeneratorTrainConfig:
         if bad:
             raise ValueError(f"model: unknown model(s) {bad} for {self.method} (has {sorted(models)})")
         for key, kwargs in self.model.items():      # keywords checked against the constructors, at load
-            _check_keywords(METHODS[self.method].model_class[key], kwargs or {}, f"model.{key}")
+            check_keywords(METHODS[self.method].model_class[key], kwargs or {}, f"model.{key}")
         stages = METHODS[self.method].stages
         bad = sorted(set(self.stages) - set(stages))
         if bad:
@@ -163,17 +163,6 @@ class GeneratorTrainConfig:
         if self.precision == "auto":
             return bool(self.use_gpu if gpu is None else gpu)
         return self.precision == "bf16"
-
-
-def _check_keywords(cls: type, kwargs: dict, field: str) -> None:
-    """Raise ``ValueError('<field>.<key>: ...')`` for a keyword ``cls(...)`` does not take."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = sorted(n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL)
-    bad = sorted(set(kwargs) - set(allowed))
-    if bad:
-        raise ValueError(f"{field}.{bad[0]}: not a keyword of {cls.__name__} (allowed: {', '.join(allowed)})")
 
 
 def resolved_stage(cfg: GeneratorTrainConfig, stage: str) -> dict:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ...blocks import WeightLayout
 from ...conditioning import ConditionCache, TextEncoder
+from ...config import check_keywords
 from ...storage import resolve
 from ..diffusion import SchedulerConfig, denoise, make_scheduler
 from ..errors import GeneratorError
@@ -87,6 +88,11 @@ class GeneratorMethod:
         unknown = sorted(set(overrides) - set(base))
         if unknown:
             raise GeneratorError(f"model: unknown model(s) {unknown} for method {self.name} (has {sorted(base)})")
+        for key, kwargs in overrides.items():         # a typo fails here, not when the model is first built
+            try:
+                check_keywords(self.model_class[key], kwargs, f"model.{key}")
+            except ValueError as exc:
+                raise GeneratorError(str(exc)) from None
         self.model_overrides = overrides
         if model_configs is not None:                 # a saved generator: configs exactly as trained
             self.model_configs = {k: dict(v) for k, v in model_configs.items()}
