@@ -51,7 +51,8 @@ def make_sampler(preset: str, layout: WeightLayout, method: str, steps: int, chu
     a DenoisedWeights method object (BlockUNet1D at ``preset``, text condition from a cached 384-d
     embedding, as MiniLM gives) sampled through ``GeneratorSampler`` = ``method.sample``."""
     from rayweights.conditioning import ConditionCache
-    from rayweights.generators import GeneratorSampler, build_method, count_parameters
+    from rayweights.generators import build_method, count_parameters
+    from rayweights.sampling import GeneratorSampler
 
     cache = ConditionCache(["a concept"], torch.randn(1, 384, generator=torch.Generator().manual_seed(0)), "text",
                            "fixed")

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from .errors import UserError
+from .storage import safetensors_metadata
 
 __all__ = ["sinusoidal_encoding", "BlockIndexEmbedding", "TextEncoder", "default_text_encoder_path",
            "ConditionCache", "SetTransformer", "MAB", "SAB", "ISAB", "PMA", "clip_contrastive_loss",
@@ -152,16 +153,6 @@ class TextEncoder:
 
 
 # ----------------------------------------------------------------------------- the cache
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (header: u64 little-endian length + JSON)."""
-    import struct
-
-    if len(data) < 8:
-        raise ValueError("too short for a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
-
-
 class ConditionCache:
     """condition string -> embedding vector, computed once; saved as one safetensors file.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import types
 import typing
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "apply_overrides",
     "job_argparser",
     "parse_job_args",
+    "check_keywords",
 ]
 
 
@@ -53,6 +55,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        members = [arg for arg in args if arg is not type(None)]
+        if len(members) == 1:                  # Optional[X]: X's own message names what is wrong
+            return _coerce(value, members[0], path)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -244,6 +249,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from exc
         raise
+
+
+def check_keywords(cls: Any, kwargs: Mapping[str, Any], field: str) -> None:
+    """Raise ``ValueError('<field>.<key>: ...')`` for a keyword ``cls(...)`` does not take (free-form
+    mappings of constructor arguments, e.g. ``model.<name>``, are checked here at load)."""
+    params = inspect.signature(cls.__init__ if isinstance(cls, type) else cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = sorted(n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    bad = sorted(set(kwargs) - set(allowed))
+    if bad:
+        raise ValueError(f"{field}.{bad[0]}: not a keyword of {getattr(cls, '__name__', cls)} "
+                         f"(allowed: {', '.join(allowed)})")
 
 
 def check_import_allowed(value: Any, field: str, allow_import: bool) -> None:

@@ -241,7 +241,7 @@ def _check(cfg: PipelineConfig):
         raise ConfigError(f"rule: unknown grouping rule {rule!r} (registered: {sorted(map(str, GROUPING_RULES))})")
     tcfg = train_config_of(cfg)
     ecfg = eval_config_of(cfg)
-    T = int(tcfg.scheduler.get("num_train_timesteps", 1000))
+    T = tcfg.scheduler.num_train_timesteps
     if ecfg.method == "one_step" and not 0 <= ecfg.t < T:
         key = "one_step_t" if cfg.one_step_t is not None else "eval_set (t)"
         raise ConfigError(f"{key}: one-step t={ecfg.t} is outside [0, max_timestep={T})")

@@ -22,14 +22,16 @@ state_dict of the layout's parameters, loadable into the target architecture
 
 Samplers (all implement :class:`rayweights.evaluation.protocols.WeightSampler`):
 
-* :class:`DiffusionBlockSampler` — a block-wise epsilon/v/x0-predicting denoiser with a diffusers
-  scheduler: one-step direct recovery or DDIM/DDPM, all blocks batched;
+* :class:`GeneratorSampler` — a trained generator export (``rayweights.generators``:
+  ``generator.json`` + models + layout): the method's own ``sample`` (one-step eq. 3 or DDIM/DDPM
+  with diffusers' schedulers, :mod:`rayweights.generators.diffusion`), all blocks batched;
 * :class:`GaussianWeightSampler` — a per-condition Gaussian (mean + low-rank covariance) fitted to a
   zoo in normalised weight space (a KDE-like baseline generator, also the test double);
-* :class:`FolderSampler` — replays the weight sets of a ``sample-weights`` output folder;
-* a trained generator export (``rayweights.generators``: ``generator.json`` + models + layout) through
-  :func:`load_sampler`, which wraps it in ``rayweights.generators.GeneratorSampler`` (the method's
-  own ``sample``: one-step eq. 3 or DDIM/DDPM with diffusers' schedulers, all blocks batched).
+* :class:`FolderSampler` — replays the weight sets of a ``sample-weights`` output folder.
+
+:func:`load_sampler` opens any of them from a folder.  (Over ~400 lines because the samplers and the
+job share one folder format — ``samples.json``, ``sampler.json``, ``layout.json``; the diffusion
+itself lives in :mod:`rayweights.generators.diffusion`.)
 """
 
 from __future__ import annotations
@@ -42,19 +44,28 @@ import re
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
+import ray
+import ray.data
 import torch
+from ray.data import ActorPoolStrategy
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from .blocks import LayoutError, WeightLayout
-from .runtime import worker_env
-from .storage import StorageError, check_writable, exists, read_bytes, resolve, write_bytes_atomic
+from .config import ConfigError, job_argparser, job_overrides, load_config
+from .device import torch_device
 from .errors import UserError, job_main
+from .generators import GeneratorError, GeneratorMethod, SamplingMode, is_generator_export, load_generator
+from .runtime import ray_init, worker_env
+from .storage import StorageError, check_writable, exists, join, read_bytes, resolve, write_bytes_atomic
+from .table import CheckpointRecord, ZooError, ZooWriter, open_zoo
 
-__all__ = ["SampleConfig", "DiffusionBlockSampler", "GaussianWeightSampler", "FolderSampler", "load_sampler",
-           "register_sampler_loader", "one_step_recover", "reassemble", "save_state_dict", "load_state_dict",
-           "condition_slug", "condition_seed", "sample_weights", "main", "SamplingError"]
+__all__ = ["SampleConfig", "GeneratorSampler", "GaussianWeightSampler", "FolderSampler", "load_sampler",
+           "reassemble", "save_state_dict", "load_state_dict", "condition_slug", "condition_seed", "sample_weights",
+           "main", "SamplingError", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +92,6 @@ def condition_seed(seed: int, condition: str | None) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32((condition or "\0uncond").encode())) % (2 ** 31 - 1)
 
 
-def _device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
 def reassemble(blocks: torch.Tensor, layout: WeightLayout, normalized: bool) -> dict[str, torch.Tensor]:
     """Blocks [num_blocks, block_size] -> state_dict of the layout's parameters (normalisation undone)."""
     b = blocks.detach().to(torch.float32).cpu()
@@ -97,18 +102,14 @@ def reassemble(blocks: torch.Tensor, layout: WeightLayout, normalized: bool) -> 
 
 def save_state_dict(sd: Mapping[str, torch.Tensor], uri: str, metadata: Mapping[str, Any] | None = None) -> None:
     """Write a safetensors file atomically to a local path or s3:// URI."""
-    from safetensors.torch import save
-
-    data = save({k: v.contiguous() for k, v in sd.items()}, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    data = st_save({k: v.contiguous() for k, v in sd.items()}, metadata={k: str(v) for k, v in (metadata or {}).items()})
     write_bytes_atomic(resolve(uri), data)
 
 
 def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """Read a safetensors state_dict from a local path or s3:// URI (never unpickles)."""
-    from safetensors.torch import load
-
     try:
-        return load(read_bytes(resolve(uri)))
+        return st_load(read_bytes(resolve(uri)))
     except FileNotFoundError:
         raise SamplingError(f"{uri}: no such weights file") from None
 
@@ -122,13 +123,9 @@ def _read_json(uri: str) -> dict:
         raise SamplingError(f"{uri}: not valid JSON ({exc})") from exc
 
 
-def _join(uri: str, *parts: str) -> str:
-    return resolve(uri).join(*parts).uri
-
-
 def _read_layout(uri: str) -> WeightLayout:
     """A layout from a layout.json file or a folder holding one (zoo, export, samples folder)."""
-    target = uri if uri.endswith(".json") else _join(uri, "layout.json")
+    target = uri if uri.endswith(".json") else join(uri, "layout.json")
     try:
         return WeightLayout.from_json(read_bytes(resolve(target)))
     except FileNotFoundError:
@@ -137,103 +134,36 @@ def _read_layout(uri: str) -> WeightLayout:
         raise SamplingError(f"{target}: {exc}") from exc
 
 
-# ----------------------------------------------------------------------------- diffusion sampling
-def _scheduler(kind: str, config: Mapping[str, Any] | None):
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    cfg = dict(config or {})
-    cfg.pop("_class_name", None)
-    cfg.pop("_diffusers_version", None)
-    cfg.setdefault("clip_sample", False)          # no squashing of generated weights
-    cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "one_step": DDPMScheduler}[kind]
-    return cls.from_config(cfg)
+# ----------------------------------------------------------------------------- a trained generator
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def one_step_recover(x_t: torch.Tensor, model_out: torch.Tensor, alpha_bar_t: float,
-                     prediction_type: str = "epsilon") -> torch.Tensor:
-    """Direct recovery of the clean sample from one forward at timestep t (Denoised Weights eq. 3).
-
-    With alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) and x_t = alpha_t w + sigma_t eps:
-    w0 = (x_t - sigma_t eps_hat) / alpha_t (the paper typesets it as (1/alpha_t) x_t - sigma_t eps_hat,
-    which is the same up to the placement of the 1/alpha_t factor; this is the exact inverse)."""
-    a = float(alpha_bar_t) ** 0.5
-    s = (1.0 - float(alpha_bar_t)) ** 0.5
-    if prediction_type == "epsilon":
-        return (x_t - s * model_out) / a
-    if prediction_type == "v_prediction":
-        return a * x_t - s * model_out
-    if prediction_type == "sample":
-        return model_out
-    raise SamplingError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, sample)")
-
-
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
-
-
-class DiffusionBlockSampler:
-    """Block-wise diffusion sampling with a diffusers scheduler.
-
-    ``denoiser(x_t [B, block_size], timesteps [B], block_index [B], cond) -> [B, block_size]`` predicts
-    epsilon (or v / x0, per the scheduler's ``prediction_type``); ``encode(condition) -> cond`` turns a
-    condition into what the denoiser takes (computed once per condition).  Every model is sampled
-    with all its blocks in one batched forward per step, ``chunk_blocks`` rows at most per forward
-    (0: no limit).  ``method``: ``one_step`` (direct recovery at ``t``), ``ddim`` or ``ddpm``
-    (``steps`` inference steps).  Samples are in the layout's normalised space (``normalized=True``).
-    """
+class GeneratorSampler:
+    """A trained generator (``rayweights.generators``) as a ``WeightSampler``:
+    ``sample(condition, n, seed) -> [n, num_blocks, block_size]`` in normalised space, through the
+    method's own ``sample`` (one-step, DDIM or DDPM; ``chunk_blocks`` rows per forward at most)."""
 
     normalized = True
 
-    def __init__(self, denoiser: EpsFn, layout: WeightLayout, scheduler_config: Mapping[str, Any] | None = None,
-                 encode: Callable[[str | None], Any] | None = None, method: str = "one_step", t: int = 500,
-                 steps: int = 50, eta: float = 0.0, chunk_blocks: int = 0, device: str = "auto",
-                 dtype: torch.dtype = torch.float32):
-        if method not in ("one_step", "ddim", "ddpm"):
-            raise SamplingError(f"method: {method!r} is not one of one_step, ddim, ddpm")
-        self.denoiser, self.layout, self.encode = denoiser, layout, encode or (lambda c: c)
-        self.method, self.t, self.steps, self.eta = method, int(t), int(steps), float(eta)
-        self.chunk_blocks, self.device, self.dtype = int(chunk_blocks), _device(device), dtype
-        self.scheduler = _scheduler(method, scheduler_config)
-        T = self.scheduler.config.num_train_timesteps
-        if method == "one_step" and not 0 <= self.t < T:
-            raise SamplingError(f"t: {self.t} is outside [0, {T}) of the scheduler")
-        if method != "one_step" and not 1 <= self.steps <= T:
-            raise SamplingError(f"steps: {self.steps} is outside [1, {T}]")
+    def __init__(self, method: GeneratorMethod, mode: SamplingMode = "one_step", t: int = 500, steps: int = 50,
+                 eta: float = 0.0, chunk_blocks: int = 0, device: str = "auto", dtype: str = "float32"):
+        self.method, self.mode, self.t, self.steps, self.eta = method, mode, int(t), int(steps), float(eta)
+        self.chunk_blocks = int(chunk_blocks)
+        try:
+            self.device = torch_device(device)
+        except ValueError as exc:
+            raise SamplingError(str(exc)) from None
+        if dtype not in DTYPES:
+            raise SamplingError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        self.dtype = DTYPES[dtype]
 
-    def _forward(self, x, t, bidx, cond):
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.denoiser(x, t, bidx, cond).float()
-
-    def _run_rows(self, x: torch.Tensor, bidx: torch.Tensor, cond, gen: torch.Generator) -> torch.Tensor:
-        """Denoise rows x [R, bs] (their block indices ``bidx``) from pure noise to clean blocks."""
-        pred = self.scheduler.config.prediction_type
-        if self.method == "one_step":
-            tt = torch.full((x.shape[0],), self.t, dtype=torch.long, device=x.device)
-            out = self._forward(x, tt, bidx, cond)
-            return one_step_recover(x, out, float(self.scheduler.alphas_cumprod[self.t]), pred)
-        self.scheduler.set_timesteps(self.steps)
-        for step_t in self.scheduler.timesteps:
-            tt = torch.full((x.shape[0],), int(step_t), dtype=torch.long, device=x.device)
-            out = self._forward(x, tt, bidx, cond)
-            if self.method == "ddim":
-                x = self.scheduler.step(out, int(step_t), x, eta=self.eta, generator=gen).prev_sample
-            else:
-                x = self.scheduler.step(out, int(step_t), x, generator=gen).prev_sample
-        return x
+    @property
+    def layout(self) -> WeightLayout:
+        return self.method.layout
 
     def sample(self, condition: str | None, n: int, seed: int = 0) -> torch.Tensor:
-        L, dev = self.layout, self.device
-        nb, bs = L.num_blocks, L.block_size
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        noise = torch.randn(n * nb, bs, generator=gen)
-        bidx_all = torch.arange(nb).repeat(n)
-        cond = self.encode(condition)
-        out = torch.empty(n * nb, bs)
-        rows = n * nb if self.chunk_blocks <= 0 else self.chunk_blocks
-        for s in range(0, n * nb, rows):
-            x = noise[s:s + rows].to(dev)
-            b = bidx_all[s:s + rows].to(dev)
-            out[s:s + rows] = self._run_rows(x, b, cond, gen).cpu()
-        return out.view(n, nb, bs) * L.valid_mask
+        return self.method.sample([condition], n, mode=self.mode, t=self.t, steps=self.steps, eta=self.eta,
+                                  seed=seed, device=self.device, dtype=self.dtype, chunk_blocks=self.chunk_blocks)
 
 
 # ----------------------------------------------------------------------------- Gaussian baseline
@@ -253,8 +183,6 @@ class GaussianWeightSampler:
 
     @classmethod
     def fit(cls, zoo, rank: int = 8, last_k: int | None = None) -> "GaussianWeightSampler":
-        from .table import open_zoo
-
         zoo = open_zoo(zoo) if isinstance(zoo, str) else zoo
         members = zoo.members.to_pylist()
         if not members:
@@ -286,24 +214,20 @@ class GaussianWeightSampler:
         return x.view(n, self.layout.num_blocks, self.layout.block_size) * self.layout.valid_mask
 
     def save(self, uri: str) -> None:
-        from safetensors.torch import save
-
         conds = sorted(self.components)
         tensors = {}
         for i, c in enumerate(conds):
             tensors[f"mean.{i}"], tensors[f"basis.{i}"] = (t.contiguous() for t in self.components[c])
         root = resolve(uri)
-        write_bytes_atomic(root.join("gaussian.safetensors"), save(tensors))
+        write_bytes_atomic(root.join("gaussian.safetensors"), st_save(tensors))
         write_bytes_atomic(root.join("layout.json"), self.layout.to_json().encode())
         write_bytes_atomic(root.join(SAMPLER_FILE), json.dumps({"type": "gaussian", "conditions": conds}).encode())
 
     @classmethod
     def load(cls, uri: str) -> "GaussianWeightSampler":
-        from safetensors.torch import load
-
-        meta = _read_json(_join(uri, SAMPLER_FILE))
+        meta = _read_json(join(uri, SAMPLER_FILE))
         try:
-            t = load(read_bytes(resolve(_join(uri, "gaussian.safetensors"))))
+            t = st_load(read_bytes(resolve(join(uri, "gaussian.safetensors"))))
         except FileNotFoundError:
             raise SamplingError(f"{uri}: gaussian.safetensors missing") from None
         comps = {c: (t[f"mean.{i}"], t[f"basis.{i}"]) for i, c in enumerate(meta["conditions"])}
@@ -319,9 +243,9 @@ class FolderSampler:
 
     def __init__(self, uri: str):
         self.uri = uri
-        index = _read_json(_join(uri, SAMPLES_INDEX))
+        index = _read_json(join(uri, SAMPLES_INDEX))
         if index.get("format_version") != INDEX_VERSION:
-            raise SamplingError(f"{_join(uri, SAMPLES_INDEX)}: format_version {index.get('format_version')!r} "
+            raise SamplingError(f"{join(uri, SAMPLES_INDEX)}: format_version {index.get('format_version')!r} "
                                 f"is not {INDEX_VERSION!r}")
         self.index = index
         self.layout = _read_layout(uri)
@@ -342,43 +266,27 @@ class FolderSampler:
                                 f"(have: {sorted(map(str, self.by_condition))[:5]})")
         if len(es) < n:
             raise SamplingError(f"{self.uri}: condition {condition!r} has {len(es)} samples, {n} requested")
-        return torch.stack([self.layout.tokenize(load_state_dict(_join(self.uri, e["file"]))) for e in es[:n]])
+        return torch.stack([self.layout.tokenize(load_state_dict(join(self.uri, e["file"]))) for e in es[:n]])
 
 
 # ----------------------------------------------------------------------------- loading any sampler
-_LOADERS: list[tuple[str, Callable[..., Any]]] = []
-
-
-def register_sampler_loader(name: str, probe_and_load: Callable[..., Any]) -> None:
-    """Register ``fn(uri, **opts) -> sampler or None`` (None: not this kind of export)."""
-    _LOADERS.append((name, probe_and_load))
-
-
-def load_sampler(uri: str, method: str = "one_step", t: int = 500, steps: int = 50, chunk_blocks: int = 0,
+def load_sampler(uri: str, method: SamplingMode = "one_step", t: int = 500, steps: int = 50, chunk_blocks: int = 0,
                  device: str = "auto", dtype: str = "float32", layout: str | None = None):
-    """A :class:`WeightSampler` for ``uri``: a folder with ``sampler.json`` (Gaussian baseline), a
-    ``sample-weights`` output (``samples.json``), or a generator export (``rayweights.generators``)."""
-    if exists(resolve(_join(uri, SAMPLER_FILE))):
-        kind = _read_json(_join(uri, SAMPLER_FILE)).get("type")
+    """A ``WeightSampler`` for ``uri``: a folder with ``sampler.json`` (Gaussian baseline), a
+    ``sample-weights`` output (``samples.json``), or a generator export (``generator.json``).
+    ``layout`` is accepted for the callers' uniformity: every one of these carries its own."""
+    if exists(resolve(join(uri, SAMPLER_FILE))):
+        kind = _read_json(join(uri, SAMPLER_FILE)).get("type")
         if kind == "gaussian":
             return GaussianWeightSampler.load(uri)
-        raise SamplingError(f"{_join(uri, SAMPLER_FILE)}: unknown sampler type {kind!r}")
-    if exists(resolve(_join(uri, SAMPLES_INDEX))):
+        raise SamplingError(f"{join(uri, SAMPLER_FILE)}: unknown sampler type {kind!r}")
+    if exists(resolve(join(uri, SAMPLES_INDEX))):
         return FolderSampler(uri)
-    opts = dict(method=method, t=t, steps=steps, chunk_blocks=chunk_blocks, device=device, dtype=dtype, layout=layout)
-    if exists(resolve(_join(uri, "generator.json"))):          # a rayweights.generators export
-        from .generators import GeneratorError, sampler_loader
-
+    if is_generator_export(uri):
         try:
-            s = sampler_loader(uri, **opts)
+            return GeneratorSampler(load_generator(uri), method, t, steps, 0.0, chunk_blocks, device, dtype)
         except GeneratorError as exc:
             raise SamplingError(f"generator: {exc}") from exc
-        if s is not None:
-            return s
-    for _, fn in _LOADERS:
-        s = fn(uri, **opts)
-        if s is not None:
-            return s
     raise SamplingError(f"generator: {uri} is not a generator export, a samples folder or a sampler folder")
 
 
@@ -388,7 +296,7 @@ class SampleConfig:
     generator: str = ""                # generator export / sampler folder (required)
     conditions: list[str] = field(default_factory=list)   # prompts, dataset names/paths; [] = unconditional
     num_samples: int = 1               # per condition (total when unconditional)
-    method: str = "one_step"           # one_step | ddim | ddpm
+    method: SamplingMode = "one_step"
     t: int = 500                       # one-step timestep (towards the noise side)
     steps: int = 50                    # ddim / ddpm inference steps
     seed: int = 0
@@ -399,20 +307,16 @@ class SampleConfig:
     num_gpus: float = -1.0             # per actor; -1 = 1 when the cluster has GPUs, else 0
     chunk_blocks: int = 0              # rows per forward (0 = all blocks of all n samples at once)
     device: str = "auto"
-    dtype: str = "float32"             # float32 | bfloat16 | float16 (autocast of the denoiser)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"     # autocast of the denoiser
     label_conditions: bool = False     # an unconditional generator: conditions only name the sample folders
 
     def __post_init__(self):
-        if self.method not in ("one_step", "ddim", "ddpm"):
-            raise ValueError(f"method: {self.method!r} is not one of one_step, ddim, ddpm")
         if self.num_samples < 1:
             raise ValueError("num_samples: must be >= 1")
         if self.t < 0 or self.steps < 1:
             raise ValueError("t: must be >= 0; steps: must be >= 1")
         if self.concurrency < 1:
             raise ValueError("concurrency: must be >= 1")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype: {self.dtype!r} is not float32, bfloat16 or float16")
         if len(set(self.conditions)) != len(self.conditions):
             raise ValueError("conditions: duplicates")
 
@@ -430,9 +334,7 @@ class _SampleActor:
         self.layout = WeightLayout.from_json(layout_json)
         self.writer = None
         if c.write_table:
-            from .table import ZooWriter
-
-            self.writer = ZooWriter(_join(c.output, "table"), self.layout)
+            self.writer = ZooWriter(join(c.output, "table"), self.layout)
 
     def __call__(self, batch: dict) -> dict:
         c = self.cfg
@@ -450,7 +352,7 @@ class _SampleActor:
             for i in range(c.num_samples):
                 sd = reassemble(blocks[i], self.layout, self.sampler.normalized)
                 rel = f"samples/{slug}/sample-{i:05d}.safetensors"
-                save_state_dict(sd, _join(c.output, rel), {
+                save_state_dict(sd, join(c.output, rel), {
                     "condition": condition if condition is not None else "", "sample": i, "method": c.method,
                     "t": c.t, "steps": c.steps, "seed": seed, "generator": c.generator})
                 if self.writer is not None:
@@ -461,8 +363,6 @@ class _SampleActor:
                 out["seconds"].append(per)
                 out["finite"].append(bool(torch.isfinite(blocks[i]).all()))
             if self.writer is not None:
-                from .table import CheckpointRecord
-
                 for i, b in enumerate(raw):
                     if bool(torch.isfinite(b).all()):
                         self.writer.write_member(f"{slug}-s{i:05d}", slug, condition or "", seed + i,
@@ -492,12 +392,6 @@ def _sampler_layout(cfg: SampleConfig) -> WeightLayout:
 def sample_weights(cfg: SampleConfig, address: str | None = None, show_progress: bool = True) -> list[dict]:
     """Sample ``cfg.num_samples`` weight sets per condition with a Ray Data actor pool; returns the
     index entries (also written to ``<output>/samples.json`` once every file is written)."""
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    from .runtime import ray_init
-
     if not cfg.generator:
         raise SamplingError("generator: required (a generator export or sampler folder)")
     if not cfg.output:
@@ -508,10 +402,8 @@ def sample_weights(cfg: SampleConfig, address: str | None = None, show_progress:
     except StorageError as exc:
         raise SamplingError(str(exc)) from exc
     if cfg.write_table:
-        from .table import ZooError, ZooWriter
-
         try:
-            ZooWriter.create(_join(cfg.output, "table"), layout)
+            ZooWriter.create(join(cfg.output, "table"), layout)
         except ZooError as exc:
             raise SamplingError(f"write_table: {exc}") from exc
     ray_init(address)
@@ -540,9 +432,7 @@ def sample_weights(cfg: SampleConfig, address: str | None = None, show_progress:
     root = resolve(cfg.output)
     write_bytes_atomic(root.join("layout.json"), layout.to_json().encode())
     if cfg.write_table:
-        from .table import ZooWriter
-
-        ZooWriter(_join(cfg.output, "table"), layout).consolidate()
+        ZooWriter(join(cfg.output, "table"), layout).consolidate()
     index = {"format_version": INDEX_VERSION, "generator": cfg.generator, "method": cfg.method, "t": cfg.t,
              "steps": cfg.steps, "seed": cfg.seed, "num_samples": cfg.num_samples, "samples": entries,
              "created_at": time.time()}
@@ -552,8 +442,6 @@ def sample_weights(cfg: SampleConfig, address: str | None = None, show_progress:
 
 @job_main
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config import ConfigError, job_argparser, job_overrides, load_config
-
     p = job_argparser("Sample weights for conditions from a trained generator; write safetensors state_dicts.",
                       config_required=False)
     args = p.parse_args(argv)

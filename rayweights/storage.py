@@ -11,8 +11,10 @@ written to a temporary name and renamed; an S3 object appears whole on a single 
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import struct
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -21,7 +23,7 @@ import pyarrow.fs as pafs
 from .errors import UserError
 
 __all__ = ["Location", "resolve", "join", "write_bytes_atomic", "read_bytes", "exists",
-           "StorageError", "check_writable", "s3_endpoint"]
+           "StorageError", "check_writable", "s3_endpoint", "safetensors_metadata"]
 
 
 class StorageError(UserError, OSError):
@@ -113,9 +115,9 @@ def resolve(uri: str) -> Location:
 
 
 def join(uri: str, *parts: str) -> str:
-    if uri.startswith("s3://"):
-        return uri.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
-    return os.path.join(uri, *parts)
+    """``uri`` joined with ``parts`` as a normalised URI: ``s3://bucket/key/...`` or an absolute local
+    path (never relative: it may be resolved by a Ray worker in another working directory)."""
+    return resolve(uri).join(*parts).uri
 
 
 def _ensure_parent(loc: Location) -> None:
@@ -210,3 +212,19 @@ def check_writable(uri: str) -> Location:
                     break
                 d = os.path.dirname(d)
     return loc
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in memory (as read from object storage;
+    ``safetensors.safe_open`` reads only local files): the header is a little-endian u64 length
+    followed by that many bytes of JSON.  A blob that is not safetensors is a ``ValueError``."""
+    if len(data) < 8:
+        raise ValueError("too short for a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("safetensors header longer than the file")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"safetensors header is not JSON ({exc})") from None
+    return dict(header.get("__metadata__") or {}) if isinstance(header, dict) else {}

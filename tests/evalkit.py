@@ -134,20 +134,3 @@ def tiny_zoo(tmp_path_factory) -> str:
         build_tiny_zoo(uri, tasks=TASKS[:3], members_per_task=3, epochs=10)
         _ZOO_CACHE["uri"] = uri
     return _ZOO_CACHE["uri"]
-
-
-class GaussianBlockDenoiser:
-    """The exact (MMSE) epsilon predictor for data x0 ~ N(mu, var) per block position, for a
-    diffusers noise schedule: eps_hat = s (x_t - a mu) / (a^2 var + s^2), a = sqrt(abar_t), s = sqrt(1-abar_t).
-    A diffusion model whose samples we know in closed form: tests the sampling code, not a network."""
-
-    def __init__(self, mu: torch.Tensor, var: torch.Tensor, alphas_cumprod: torch.Tensor):
-        self.mu, self.var, self.abar = mu, var, alphas_cumprod
-        self.calls = 0
-
-    def __call__(self, x, t, block_index, cond):
-        self.calls += 1
-        ab = self.abar[t.cpu()].to(x.dtype)[:, None]
-        a, s = ab.sqrt(), (1 - ab).sqrt()
-        mu, var = self.mu[block_index.cpu()], self.var[block_index.cpu()]
-        return s * (x - a * mu) / (a * a * var + s * s)

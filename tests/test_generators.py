@@ -12,8 +12,9 @@ import torch
 
 from rayweights.blocks import WeightLayout
 from rayweights.conditioning import ConditionCache, SetTransformer
-from rayweights.generators import (BlockUNet1D, GeneratorError, LatentDenoiser1D, PDiffAutoencoder, WeightVAE, build_method, count_parameters, get_preset,
-                                   list_presets, load_generator, one_step_recover, sampler_loader)
+from rayweights.generators import (BlockUNet1D, GeneratorError, GeneratorMethod, GeneratorState, LatentDenoiser1D,
+                                   PDiffAutoencoder, WeightVAE, build_method, count_parameters, get_preset,
+                                   is_generator_export, list_presets, load_generator)
 from rayweights.generators.presets import UnknownPresetError
 from rayweights.table import open_zoo
 from tests.genkit import CONDITIONS, mlp_state_dict, tiny_table
@@ -62,18 +63,6 @@ def _train(method, stage, make_batch, steps, lr=3e-3):
 
 def _mean(xs):
     return sum(xs) / len(xs)
-
-
-# ----------------------------------------------------------------------------- math
-def test_one_step_recover_inverts_forward_noising():
-    x0, eps = torch.randn(4, 16), torch.randn(4, 16)
-    a = 0.37
-    x_t = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
-    assert torch.allclose(one_step_recover(x_t, eps, a), x0, atol=1e-5)
-    v = a ** 0.5 * eps - (1 - a) ** 0.5 * x0                     # diffusers' get_velocity
-    assert torch.allclose(one_step_recover(x_t, v, a, "v_prediction"), x0, atol=1e-5)
-    with pytest.raises(GeneratorError, match="prediction_type"):
-        one_step_recover(x_t, v, a, "flow")
 
 
 # ----------------------------------------------------------------------------- presets
@@ -228,10 +217,12 @@ def test_export_round_trip_samples_identically(tmp_path, layout, name):
     a = method.sample(conds, 2, mode="ddim", steps=3, seed=1)
     b = again.sample(conds, 2, mode="ddim", steps=3, seed=1)
     assert torch.allclose(a, b, atol=1e-6)
-    # the evaluation stage finds it through the sampler loader
-    s = sampler_loader(str(tmp_path / "export"), method="ddim", steps=3, device="cpu")
-    assert s is not None and s.layout.same_structure(layout)
-    assert sampler_loader(str(tmp_path)) is None
+    # the state the Ray Train workers get is the state the export holds
+    st, models = GeneratorState.read(str(tmp_path / "export"))
+    assert set(models) == set(method.model_class) and st.scheduler == method.scheduler
+    assert st.json_fields() == method.to_state().json_fields()
+    # the sampling stage recognises it
+    assert is_generator_export(str(tmp_path / "export")) and not is_generator_export(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -243,6 +234,10 @@ def test_bad_inputs_are_named(tmp_path, layout, zoo):
         build_method("pdiff", raw)
     with pytest.raises(GeneratorError, match="model.*unknown"):
         build_method("pdiff", layout, model_overrides={"unet": {}})
+    with pytest.raises(GeneratorError, match="model.autoencoder.chanels: not a keyword of PDiffAutoencoder"):
+        build_method("pdiff", layout, model_overrides={"autoencoder": {"chanels": [4, 4]}})
+    with pytest.raises(GeneratorError, match="scheduler.prediction_type"):
+        build_method("pdiff", layout, scheduler={"prediction_type": "flow"})
     # a generator config whose block size disagrees with the table's
     with pytest.raises(GeneratorError, match="block_size"):
         build_method("denoised_weights", layout, model_overrides={"denoiser": {"block_size": 32}},
@@ -275,8 +270,6 @@ def test_bad_inputs_are_named(tmp_path, layout, zoo):
 def test_pdiff_data_stats_travel_with_the_state_and_the_export(tmp_path, zoo, layout):
     """p-diff's fitted input standardisation and latent mean reach the workers (to_state) and the
     export; standardised inputs have zero mean and unit std per coordinate over the zoo."""
-    from rayweights.generators.methods import GeneratorMethod
-
     w, _ = _block_batch(zoo, list(CONDITIONS))
     flat = w.reshape(w.shape[0], -1)
     m = build_method("pdiff", layout, "tiny")
@@ -298,3 +291,29 @@ def test_pdiff_data_stats_travel_with_the_state_and_the_export(tmp_path, zoo, la
     assert torch.equal(loaded.sample(None, 2, mode="ddim", steps=3, seed=1), m.sample(None, 2, mode="ddim", steps=3, seed=1))
     # the reconstruction API works in raw weight space
     assert m.reconstruct(flat).shape == flat.shape
+
+
+def test_exports_written_before_generator_state_still_load(tmp_path, layout):
+    """generator.json as earlier versions wrote it (the scheduler as six DDPMScheduler keywords, no
+    data stats) loads into the same generator and samples the same weights."""
+    method = build_method("pdiff", layout, "tiny")
+    method.latent_scale = 0.5
+    for key in method.model_class:
+        method.model(key)
+    out = tmp_path / "export"
+    method.save_pretrained(str(out))
+    meta = json.loads((out / "generator.json").read_text())
+    meta["scheduler"] = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2,
+                             prediction_type="epsilon", clip_sample=False)
+    assert set(meta) == {"format_version", "method", "preset", "models", "model_overrides", "scheduler",
+                         "conditioning", "condition_names", "text_encoder", "dataset_options", "latent_scale",
+                         "num_blocks", "block_size", "parameters"}
+    (out / "generator.json").write_text(json.dumps(meta))
+    again = load_generator(str(out))
+    assert again.scheduler == method.scheduler and again.latent_scale == 0.5 and again.data_stats == {}
+    assert torch.equal(again.sample(None, 2, mode="ddpm", steps=4, seed=2), method.sample(None, 2, mode="ddpm", steps=4,
+                                                                                           seed=2))
+    meta["colour"] = "blue"
+    (out / "generator.json").write_text(json.dumps(meta))
+    with pytest.raises(GeneratorError, match="unknown field.*colour"):
+        load_generator(str(out))

@@ -85,7 +85,7 @@ def test_trial_knobs_reach_the_stage_configs():
     # as Tune writes them (json.dumps): 1e-05 is a float for the model config too, not YAML's string
     tiny = _check(load_pipeline_config(None, [f"input_noise={json.dumps(1e-05)}", f"lr={json.dumps(2e-05)}"]))[3]
     assert tiny.model["autoencoder"]["input_noise"] == 1e-05 and tiny.lr == 2e-05
-    assert tcfg.scheduler["num_train_timesteps"] == 500 and tcfg.lr == 0.004
+    assert tcfg.scheduler.num_train_timesteps == 500 and tcfg.lr == 0.004
     assert (ecfg.method, ecfg.t) == ("one_step", 20)
     d2 = load_pipeline_config(None, ["generator=jobs/configs/d2nwg_tiny.yaml", "train_set=[]", "lr=0.005"])
     t2 = _check(d2)[3]

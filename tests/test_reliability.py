@@ -130,7 +130,6 @@ def test_train_preflight_can_skip_bad_members(tmp_path):
 @pytest.mark.parametrize("override,field", [
     ("model.denoiser.no_such_kwarg=3", "model.denoiser.no_such_kwarg"),
     ("model.autoencoder.chanels=[4,4]", "model.autoencoder.chanels"),
-    ("scheduler.beta_sched=linear", "scheduler.beta_sched"),
 ])
 def test_model_and_scheduler_keywords_checked_at_load(override, field, tmp_path, capsys, no_ray):
     from rayweights.train.cli import main as train_main
@@ -139,6 +138,22 @@ def test_model_and_scheduler_keywords_checked_at_load(override, field, tmp_path,
                      "--output", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: ") and f"{field}: not a keyword of" in err[-1]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("scheduler.beta_sched=linear", "scheduler.beta_sched: unknown key"),
+    ("scheduler.prediction_type=flow", "scheduler.prediction_type: 'flow' is not one of"),
+    ("lr_schedule=cosin", "lr_schedule: 'cosin' is not one of"),
+    ("stages.diffusion.lr_schedule=cosin", "stages.diffusion.lr_schedule: 'cosin' is not one of"),
+])
+def test_typed_scheduler_and_lr_schedule_checked_at_load(override, message, tmp_path, capsys, no_ray):
+    from rayweights.train.cli import main as train_main
+
+    rc = train_main(["--config", str(PDIFF), "--set", "zoo=/nonexistent", "--set", override,
+                     "--output", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and message in err[-1], err[-1]
     assert not (tmp_path / "runs").exists()
 
 

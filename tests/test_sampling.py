@@ -4,12 +4,12 @@ import os
 import pytest
 import torch
 
-from evalkit import DigitsTask, GaussianBlockDenoiser, make_mlp, tiny_zoo
+from evalkit import DigitsTask, make_mlp, tiny_zoo
 from rayweights.blocks import LayoutError
 from rayweights.evaluation.protocols import load_layout_params
-from rayweights.sampling import (DiffusionBlockSampler, FolderSampler, GaussianWeightSampler, SampleConfig,
+from rayweights.sampling import (FolderSampler, GaussianWeightSampler, GeneratorSampler, SampleConfig,
                                  SamplingError, condition_seed, condition_slug, load_sampler, load_state_dict,
-                                 main, one_step_recover, reassemble, sample_weights)
+                                 main, reassemble, sample_weights)
 from rayweights.table import open_zoo
 
 
@@ -78,70 +78,6 @@ def test_gaussian_sampler_shapes_conditions_and_round_trip(zoo_uri, gaussian_exp
     loaded = load_sampler(gaussian_export)
     assert isinstance(loaded, GaussianWeightSampler) and loaded.layout == L
     assert torch.allclose(loaded.sample("digits:0,1,2,3,4", 5, seed=3), s)
-
-
-# ----------------------------------------------------------------------------- one-step / DDIM
-@pytest.fixture(scope="module")
-def denoiser_setup(zoo_uri):
-    zoo = open_zoo(zoo_uri)
-    L = zoo.layout.fit_stats(zoo.blocks())
-    mask = L.valid_mask.float()
-    mu = L.normalize(zoo.blocks(last_k=1)).mean(0)
-    var = 0.25 * mask
-    from diffusers import DDPMScheduler
-
-    abar = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
-    return L, mu, var, abar
-
-
-def test_one_step_is_direct_recovery_eq3(denoiser_setup):
-    L, mu, var, abar = denoiser_setup
-    den = GaussianBlockDenoiser(mu, var, abar)
-    t = 700
-    s = DiffusionBlockSampler(den, L, {"num_train_timesteps": 1000}, method="one_step", t=t, device="cpu")
-    out = s.sample("c", 3, seed=11)
-    assert out.shape == (3, L.num_blocks, L.block_size)
-    assert den.calls == 1                                   # all blocks of all 3 models: one batched forward
-    # by hand: x_t is the seed's noise; E[x0 | x_t] for Gaussian data
-    x_t = torch.randn(3 * L.num_blocks, L.block_size, generator=torch.Generator().manual_seed(11)).view_as(out)
-    ab = float(abar[t])
-    expect = mu + ab ** 0.5 * var * (x_t - ab ** 0.5 * mu) / (ab * var + 1 - ab)
-    assert torch.allclose(out, expect * L.valid_mask, atol=1e-5)
-    # eq. 3 helper for the three parameterisations
-    x0, eps = torch.randn(4, 8), torch.randn(4, 8)
-    a, sg = ab ** 0.5, (1 - ab) ** 0.5
-    xt = a * x0 + sg * eps
-    assert torch.allclose(one_step_recover(xt, eps, ab, "epsilon"), x0, atol=1e-5)
-    assert torch.allclose(one_step_recover(xt, a * eps - sg * x0, ab, "v_prediction"), x0, atol=1e-5)
-    # chunked forwards give the same weights (deterministic one-step), in more calls
-    den2 = GaussianBlockDenoiser(mu, var, abar)
-    chunked = DiffusionBlockSampler(den2, L, {"num_train_timesteps": 1000}, method="one_step", t=t,
-                                    chunk_blocks=7, device="cpu").sample("c", 3, seed=11)
-    assert torch.allclose(chunked, out, atol=1e-6) and den2.calls == -(-3 * L.num_blocks // 7)
-    with pytest.raises(SamplingError, match="t: 1000"):
-        DiffusionBlockSampler(den, L, {"num_train_timesteps": 1000}, method="one_step", t=1000)
-
-
-def test_ddim_samples_the_data_distribution_and_loads(denoiser_setup):
-    L, mu, var, abar = denoiser_setup
-    den = GaussianBlockDenoiser(mu, var, abar)
-    s = DiffusionBlockSampler(den, L, {"num_train_timesteps": 1000}, method="ddim", steps=50, device="cpu")
-    out = s.sample(None, 64, seed=0)
-    assert den.calls == 50                                  # one batched forward per step
-    m = L.valid_mask
-    # empirical mean/std over 64 draws vs N(mu, 0.5^2): the mean's standard error is 0.5/8 = 0.0625
-    # (mean |error| ~ 0.05); 50 DDIM steps give std ~0.47 (10 steps: ~0.37, a zero-mean denoiser: error ~0.59)
-    assert (out.mean(0) - mu)[m].abs().mean() < 0.1
-    std = out.std(0)[m]
-    assert abs(float(std.mean()) - 0.5) < 0.05
-    # DDPM too (stochastic steps), and every weight set reassembles and loads strictly
-    ddpm = DiffusionBlockSampler(GaussianBlockDenoiser(mu, var, abar), L, {"num_train_timesteps": 1000},
-                                 method="ddpm", steps=20, device="cpu").sample(None, 2, seed=0)
-    for blocks in (out[0], ddpm[0], ddpm[1]):
-        sd = reassemble(blocks, L, normalized=True)
-        model = make_mlp(0)
-        load_layout_params(model, sd, L)
-        assert model(torch.zeros(1, 64)).shape == (1, 10)
 
 
 # ----------------------------------------------------------------------------- the Ray Data job
@@ -232,8 +168,6 @@ def generator_exports(zoo_uri, tmp_path_factory):
 
 @pytest.mark.parametrize("method,steps", [("one_step", 1), ("ddim", 3)])
 def test_generator_export_samples_load_into_target(ray_local, zoo_uri, generator_exports, tmp_path, method, steps):
-    from rayweights.generators import GeneratorSampler
-
     zoo = open_zoo(zoo_uri)
     conds = generator_exports["conditions"][:2]
     s = load_sampler(generator_exports["dw"], method, t=600, steps=steps, device="cpu")

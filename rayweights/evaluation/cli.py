@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from ..blocks import LayoutError
 from ..config import ConfigError, job_argparser, job_overrides, load_config
+from ..generators import SamplingMode
 from ..sampling import SamplingError
 from ..storage import StorageError, check_writable, resolve, write_bytes_atomic
 from .adapters import AdapterError, make_adapter
@@ -43,7 +44,7 @@ class EvaluateConfig:
     tasks: list[str] = field(default_factory=list)   # task conditions; default: the zoo's held-out tasks
     num_samples: int = 10              # N
     epochs: int = 10                   # E
-    method: str = "one_step"           # one_step | ddim | ddpm
+    method: SamplingMode = "one_step"
     t: int = 500                       # one-step timestep
     steps: int = 50                    # ddim / ddpm steps
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -81,8 +82,6 @@ class EvaluateConfig:
                 check_import_allowed(fx, name, self.allow_import)
         if self.generator and self.samples:
             raise ValueError("generator/samples: give one of them, not both")
-        if self.method not in ("one_step", "ddim", "ddpm"):
-            raise ValueError(f"method: {self.method!r} is not one of one_step, ddim, ddpm")
         if self.memorisation_samples < 1:
             raise ValueError("memorisation_samples: must be >= 1")
         if any(s < 0 for s in self.memorisation_sigmas):

@@ -1,16 +1,28 @@
-"""Moving model folders between local disk and a storage URI (local path, file:// or s3://)."""
+"""Model folders on storage: moving them between local disk and a URI (local path, file:// or
+s3://), and loading one (``from_pretrained`` of the class its ``config.json`` names)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 
 import pyarrow.fs as pafs
+from torch import nn
 
+from ..conditioning import SetTransformer
 from ..storage import StorageError, exists, resolve
+from .block_unet import BlockUNet1D
+from .errors import GeneratorError
+from .latent_denoiser import LatentDenoiser1D
+from .pdiff import PDiffAutoencoder
+from .vae import WeightVAE
 
-__all__ = ["upload_dir", "download_dir", "local_copy"]
+__all__ = ["upload_dir", "download_dir", "local_copy", "load_model", "MODEL_CLASSES"]
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    c.__name__: c for c in (BlockUNet1D, PDiffAutoencoder, LatentDenoiser1D, WeightVAE, SetTransformer)}
 
 
 def upload_dir(local_dir: str, uri: str) -> None:
@@ -50,3 +62,21 @@ def local_copy(uri: str):
     with tempfile.TemporaryDirectory(prefix="rw-model-") as tmp:
         download_dir(uri, tmp)
         yield tmp
+
+
+def model_class(name: str | None, what: str) -> type[nn.Module]:
+    if name not in MODEL_CLASSES:
+        raise GeneratorError(f"{what}: unknown model class {name!r} (known: {sorted(MODEL_CLASSES)})")
+    return MODEL_CLASSES[name]
+
+
+def load_model(uri: str, cls: type | None = None) -> nn.Module:
+    """``cls.from_pretrained`` on a folder at a local path or URI (class from its config if None)."""
+    try:
+        with local_copy(uri) as d:
+            if cls is None:
+                with open(os.path.join(d, "config.json")) as f:
+                    cls = model_class(json.load(f).get("_class_name"), uri)
+            return cls.from_pretrained(d)
+    except FileNotFoundError:
+        raise GeneratorError(f"{uri}: no model folder") from None

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
-__all__ = ["GeneratorTrainConfig", "StageConfig", "FaultInjection", "resolved_stage"]
+from ..config import check_keywords
+from ..generators import METHODS, SchedulerConfig, UnknownPresetError, get_preset
+
+__all__ = ["GeneratorTrainConfig", "StageConfig", "FaultInjection", "resolved_stage", "LRSchedule"]
+
+LRSchedule = Literal["constant", "linear_decay", "cosine"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -26,7 +32,7 @@ class StageConfig:
     lr: float | None = None
     weight_decay: float | None = None
     warmup_steps: int | None = None
-    lr_schedule: str | None = None
+    lr_schedule: LRSchedule | None = None
     grad_clip: float | None = None
 
     def __post_init__(self):
@@ -36,8 +42,6 @@ class StageConfig:
                 raise ValueError(f"{f}: must be >= 1, got {v}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if self.lr_schedule is not None and self.lr_schedule not in ("constant", "linear_decay", "cosine"):
-            raise ValueError(f"lr_schedule: {self.lr_schedule!r} is not constant, linear_decay or cosine")
 
 
 @dataclass
@@ -62,7 +66,7 @@ class GeneratorTrainConfig:
     zoo: str = ""                                # zoo URI (local folder, file:// or s3://)
     preset: str = "tiny"                         # size preset (rayweights.generators.presets)
     model: dict[str, dict] = field(default_factory=dict)     # per-model constructor overrides
-    scheduler: dict = field(default_factory=dict)            # DDPMScheduler overrides
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)   # the noise schedule (DDPMScheduler)
     stages: dict[str, StageConfig] = field(default_factory=dict)
     only_stages: list[str] = field(default_factory=list)     # train only these ([] = all)
     # optimisation defaults of every stage
@@ -72,7 +76,7 @@ class GeneratorTrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 0
-    lr_schedule: str = "constant"                # constant | linear_decay | cosine
+    lr_schedule: LRSchedule = "constant"
     grad_clip: float = 1.0
     # distributed
     num_workers: int = 1
@@ -102,9 +106,6 @@ class GeneratorTrainConfig:
     fault_injection: FaultInjection = field(default_factory=FaultInjection)
 
     def __post_init__(self):
-        from ..generators.methods import METHODS
-        from ..generators.presets import UnknownPresetError, get_preset
-
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r} (known: {sorted(METHODS)})")
         try:
@@ -115,10 +116,7 @@ class GeneratorTrainConfig:
         if bad:
             raise ValueError(f"model: unknown model(s) {bad} for {self.method} (has {sorted(models)})")
         for key, kwargs in self.model.items():      # keywords checked against the constructors, at load
-            _check_keywords(METHODS[self.method].model_class[key], kwargs or {}, f"model.{key}")
-        from diffusers import DDPMScheduler
-
-        _check_keywords(DDPMScheduler, self.scheduler, "scheduler")
+            check_keywords(METHODS[self.method].model_class[key], kwargs or {}, f"model.{key}")
         stages = METHODS[self.method].stages
         bad = sorted(set(self.stages) - set(stages))
         if bad:
@@ -132,8 +130,6 @@ class GeneratorTrainConfig:
             raise ValueError(f"zero_stage: {self.zero_stage} is not 0, 1, 2 or 3")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision: {self.precision!r} is not auto, bf16 or fp32")
-        if self.lr_schedule not in ("constant", "linear_decay", "cosine"):
-            raise ValueError(f"lr_schedule: {self.lr_schedule!r} is not constant, linear_decay or cosine")
         if self.data_in_memory not in ("auto", "always", "never"):
             raise ValueError(f"data_in_memory: {self.data_in_memory!r} is not auto, always or never")
         if self.in_memory_max_mb < 0:
@@ -161,27 +157,12 @@ class GeneratorTrainConfig:
 
     @property
     def train_stages(self) -> list[str]:
-        from ..generators.methods import METHODS
-
         return [s for s in METHODS[self.method].stages if not self.only_stages or s in self.only_stages]
 
     def bf16(self, gpu: bool | None = None) -> bool:
         if self.precision == "auto":
             return bool(self.use_gpu if gpu is None else gpu)
         return self.precision == "bf16"
-
-
-def _check_keywords(cls: type, kwargs: dict, field: str) -> None:
-    """Raise ``ValueError('<field>.<key>: ...')`` for a keyword ``cls(...)`` does not take."""
-    import inspect
-
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = sorted(n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL)
-    bad = sorted(set(kwargs) - set(allowed))
-    if bad:
-        raise ValueError(f"{field}.{bad[0]}: not a keyword of {cls.__name__} (allowed: {', '.join(allowed)})")
 
 
 def resolved_stage(cfg: GeneratorTrainConfig, stage: str) -> dict:

@@ -40,7 +40,9 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "linear_decay":
         return 1.0 - frac
-    return 0.5 * (1.0 + math.cos(math.pi * frac))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"lr_schedule: {schedule!r} is not constant, linear_decay or cosine")
 
 
 def _rows(plan: Plan):

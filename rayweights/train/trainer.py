@@ -29,8 +29,10 @@ from typing import Any
 
 
 from ..blocks import WeightLayout
+from ..generators import METHODS, GeneratorError, build_method
 from ..runtime import worker_env
-from ..storage import StorageError, check_writable, exists, list_files, read_bytes, resolve, write_bytes_atomic
+from ..storage import (StorageError, check_writable, exists, join, list_files, read_bytes, resolve,
+                       write_bytes_atomic)
 from .config import GeneratorTrainConfig, resolved_stage
 from ..errors import JobFailed, UserError
 
@@ -77,15 +79,10 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def _join(uri: str, *parts: str) -> str:
-    return resolve(uri).join(*parts).uri
-
-
 # ----------------------------------------------------------------------------- preflight
 def preflight(cfg: GeneratorTrainConfig) -> Plan:
     """Check everything that can be wrong before any training: zoo, conditions, layout vs generator
     config, batch size vs rows, storage; fit normalisation stats; build the condition inputs."""
-    from ..generators.methods import GeneratorError, build_method
     from ..conditioning import ConditionCache, ConditioningError
     from ..table import ZooError, open_zoo
     from .data import fit_stats, num_rows
@@ -109,14 +106,12 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
         zoo = zoo.without(b.member_id for b in bad)
     if len(zoo) == 0:
         raise TrainError(f"zoo: {zoo.uri} has no members (empty table); build the zoo first")
-    from ..generators.methods import METHODS
-
     klass = METHODS[cfg.method]
     conds = [c for c in zoo.conditions() if c]
     if klass.conditioning is not None and not conds:
         raise TrainError(f"zoo: {zoo.uri} has no conditions, but method {cfg.method} is {klass.conditioning}-conditioned "
                          "(every member needs a condition: a prompt or a dataset name)")
-    run_uri = _join(cfg.storage, cfg.run_name)
+    run_uri = join(cfg.storage, cfg.run_name)
     try:
         check_writable(run_uri)
     except StorageError as exc:

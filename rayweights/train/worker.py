@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from ..generators import GeneratorMethod
+
 log = logging.getLogger(__name__)
 
 CKPT_META = "rayweights_checkpoint.json"
@@ -52,9 +54,11 @@ def deepspeed_config(stage_cfg: dict, cfg: dict, world_size: int, bf16: bool) ->
         sched = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
                                                      "warmup_num_steps": max(1, warm), "total_num_steps": steps,
                                                      "warmup_type": "linear"}}
-    else:
+    elif stage_cfg["lr_schedule"] == "cosine":
         sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": steps, "warmup_num_steps": max(1, warm),
                                                       "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0}}
+    else:
+        raise ValueError(f"lr_schedule: {stage_cfg['lr_schedule']!r} is not constant, linear_decay or cosine")
     zero: dict = {"stage": effective_zero_stage(int(cfg["zero_stage"]), world_size)}
     if zero["stage"] == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False, "contiguous_gradients": True,
@@ -188,7 +192,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from ..generators.methods import GeneratorMethod
     from .data import InMemoryShard
 
     cfg, stage, sc = config["train"], config["stage"], config["stage_cfg"]

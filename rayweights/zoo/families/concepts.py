@@ -137,7 +137,7 @@ def _cached_edit(spec, task: Task, src: torch.Tensor, device: str) -> torch.Tens
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from ...storage import exists, join, read_bytes, resolve, write_bytes_atomic
+    from ...storage import exists, join, read_bytes, resolve, safetensors_metadata, write_bytes_atomic
 
     loc = resolve(join(spec.output, "pairs", f"{task.task_id}.safetensors"))
     meta = json.dumps({"editor": spec.concepts.editor, "options": spec.concepts.editor_options,
@@ -145,7 +145,7 @@ def _cached_edit(spec, task: Task, src: torch.Tensor, device: str) -> torch.Tens
                        "image_seed": spec.concepts.image_seed}, sort_keys=True)
     if exists(loc):
         raw = read_bytes(loc)
-        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
+        header = safetensors_metadata(raw)
         if header.get("config") == meta:
             return st_load(raw)["target"]
     tgt = _editor(spec, device).edit(src, task.condition, seed=zlib.crc32(task.condition.encode()))

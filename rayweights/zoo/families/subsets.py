@@ -168,7 +168,7 @@ def base_model_state(spec, task: Task, store: bool = False) -> dict:
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from ...storage import exists, read_bytes, write_bytes_atomic
+    from ...storage import exists, read_bytes, safetensors_metadata, write_bytes_atomic
 
     cfg = json.dumps(_base_config(spec, task), sort_keys=True)
     key = (spec.output, cfg)
@@ -177,7 +177,7 @@ def base_model_state(spec, task: Task, store: bool = False) -> dict:
     loc = _base_location(spec, task)
     if loc is not None and exists(loc):
         raw = read_bytes(loc)
-        meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
+        meta = safetensors_metadata(raw)
         if meta.get("config") == cfg:
             _BASES[key] = st_load(raw)
             return _BASES[key]
