@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from .blocks import LayoutError, WeightLayout
 from .runtime import worker_env
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "layout.json"
 CURRENT_FILE = "_manifest/CURRENT"
+_TABLE_FOLDERS = ("blocks/", "members/", "_manifest/", "failures/", "compacted/")
+_RETOKENIZED_FILE = "_retokenized.json"          # written last by Zoo.retokenize
 MANIFEST_VERSION = "rayweights.manifest/1"
 
 
@@ -601,6 +604,48 @@ class Zoo:
         self._publish(new_rows, self._entry_mtimes)
         self._rows = new_rows
         return version
+
+
+    # ------------------------------------------------------------------ re-tokenising
+    def retokenize(self, dst: str, layout: WeightLayout, files: Mapping[str, bytes] | None = None,
+                   show_progress: bool = False) -> "Zoo":
+        """This zoo's members written into a new zoo ``dst`` under another ``layout`` of the same
+        parameters (another block size or grouping rule): same members, checkpoints, metrics and
+        hparams, nothing retrained.  Every file of this zoo's folder that is not part of the table
+        (a family's caches: base models, features) is copied, except the names in ``files``, which
+        are written with the bytes given instead (e.g. a spec rewritten for the new layout).
+        Idempotent: a finished ``dst`` is opened as is, an unfinished one is completed; its done
+        marker is written last."""
+        droot = resolve(dst)
+        if exists(droot.join(_RETOKENIZED_FILE)):
+            return open_zoo(dst)
+        files = dict(files or {})
+        writer = ZooWriter.create(dst, layout)
+        done = writer.done_members()
+        rows = [r for r in self.members.to_pylist() if r["member_id"] not in done]
+        for r in tqdm(rows, desc=f"re-tokenise (block {layout.block_size})", unit="member",
+                      disable=not show_progress or not rows):
+            sds = self.state_dicts(r["member_id"])
+            metrics = json.loads(r["metrics"]) if r.get("metrics") else [{}] * len(sds)
+            hparams = json.loads(r["hparams"]) if r.get("hparams") else {}
+            writer.write_member(r["member_id"], r["task_id"], r["condition"], int(r["seed"]),
+                                [CheckpointRecord(step=s, state_dict=sd, metrics=m)
+                                 for (s, sd), m in zip(sds, metrics)], hparams=hparams)
+        base = self.root.path.rstrip("/") + "/"
+        for info in list_files(self.root):
+            rel = info.path[len(base):] if info.path.startswith(base) else info.base_name
+            if rel.startswith(_TABLE_FOLDERS) or rel in (LAYOUT_FILE, _RETOKENIZED_FILE) or rel in files \
+                    or rel.startswith(".rayweights-probe"):
+                continue
+            target = droot.join(*rel.split("/"))
+            if not exists(target):
+                write_bytes_atomic(target, read_bytes(self.root.join(*rel.split("/"))))
+        for rel, data in files.items():
+            write_bytes_atomic(droot.join(*rel.split("/")), data)
+        writer.consolidate()
+        write_bytes_atomic(droot.join(_RETOKENIZED_FILE), json.dumps(
+            {"source": self.uri, "block_size": layout.block_size, "members": len(self)}).encode())
+        return open_zoo(dst)
 
 
 def open_zoo(uri: str) -> Zoo:
