@@ -348,3 +348,25 @@ def test_compacted_zoo_verifies(tmp_path):
     part = tmp_path / "zoo" / zoo._row("m0")["file"]
     part.write_bytes(part.read_bytes()[:-20])
     assert sorted(b.member_id for b in open_zoo(uri).verify("footer")) == ["m0", "m1", "m2", "m3"]
+
+
+def test_retokenize_writes_the_same_members_under_another_layout(tmp_path):
+    src = str(tmp_path / "zoo")
+    _, sds = write_zoo(src, n_members=3)
+    (tmp_path / "zoo" / "base").mkdir()
+    (tmp_path / "zoo" / "base" / "cache.bin").write_bytes(b"family cache")
+    (tmp_path / "zoo" / "spec.json").write_text("old")
+    zoo = open_zoo(src)
+    layout = WeightLayout.from_state_dict(make_sd(0), rule=3, block_size=4)
+    dst = str(tmp_path / "zoo-b4")
+    out = zoo.retokenize(dst, layout, files={"spec.json": b"new"})
+    assert (out.layout.block_size, out.layout.num_blocks) == (4, layout.num_blocks) != (8, zoo.layout.num_blocks)
+    assert len(out) == 3 and out.members.column("member_id").to_pylist() == zoo.members.column("member_id").to_pylist()
+    check_exact(out, sds)                                    # same weights, bit for bit
+    assert out.metrics("m2") == zoo.metrics("m2")
+    assert (tmp_path / "zoo-b4" / "base" / "cache.bin").read_bytes() == b"family cache"   # caches copied
+    assert (tmp_path / "zoo-b4" / "spec.json").read_bytes() == b"new"                     # replaced files written
+    # idempotent: a finished copy is returned as is, nothing rewritten
+    mtime = os.path.getmtime(tmp_path / "zoo-b4" / "spec.json")
+    assert len(zoo.retokenize(dst, layout, files={"spec.json": b"other"})) == 3
+    assert os.path.getmtime(tmp_path / "zoo-b4" / "spec.json") == mtime

@@ -21,7 +21,7 @@ from ..blocks import LayoutError
 from ..config import ConfigError, job_argparser, job_overrides, load_config
 from ..sampling import SamplingError
 from ..storage import StorageError, check_writable, resolve, write_bytes_atomic
-from .adapters import AdapterError, make_adapter
+from .adapters import AdapterError, check_family_options, make_adapter
 from .core import ALL_INITS, EvalOptions, TaskResult, ZooReference, evaluate_task
 from .report import write_report
 from ..errors import job_main
@@ -79,6 +79,8 @@ class EvaluateConfig:
                          ("family_options.feature_extractor", self.family_options.get("feature_extractor", ""))):
             if isinstance(fx, str) and fx.startswith("module:"):
                 check_import_allowed(fx, name, self.allow_import)
+        if ":" not in self.family:          # typos in the options of a built-in family fail here, at load
+            check_family_options(self.family, self.family_options)
         if self.generator and self.samples:
             raise ValueError("generator/samples: give one of them, not both")
         if self.method not in ("one_step", "ddim", "ddpm"):

@@ -22,6 +22,7 @@ architecture, data and optimiser.
 
 from __future__ import annotations
 
+import inspect
 import math
 import shutil
 import tempfile
@@ -265,6 +266,8 @@ def _concepts_factory(condition: str, zoo, **options) -> ConceptTaskAdapter:
     return ConceptTaskAdapter(spec, zoo.layout, condition, **options)
 
 
+# the options of the concepts family are the adapter's keywords (the factory passes them through)
+_concepts_factory.options = tuple(list(inspect.signature(ConceptTaskAdapter).parameters)[3:])
 register_adapter("dataset-subsets")(_subset_factory(False))
 register_adapter("partial")(_subset_factory(True))
 register_adapter("concepts")(_concepts_factory)
