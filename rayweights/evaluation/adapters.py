@@ -2,7 +2,8 @@
 
 A family is a registered name (``register_adapter``) or a ``"package.module:factory"`` import
 string; a factory is ``factory(condition: str, zoo: Zoo, **options) -> TaskAdapter``.
-The built-in families live in :mod:`rayweights.evaluation.families` and are registered on import.
+The built-in families live in :mod:`rayweights.evaluation.families`, registered when the
+``rayweights.evaluation`` package is imported.
 """
 
 from __future__ import annotations
@@ -32,23 +33,13 @@ def register_adapter(family: str):
     return deco
 
 
-def _load_builtin():
-    try:
-        from . import families  # noqa: F401  (registers the built-in families)
-    except ImportError as exc:       # a family's dependencies (e.g. rayweights.zoo) are missing
-        return exc
-    return None
-
-
 def known_families() -> list[str]:
-    _load_builtin()
     return sorted(ADAPTERS)
 
 
 def adapter_options(family: str) -> set[str] | None:
     """The option names the factory of a registered ``family`` accepts (its keyword parameters after
     ``condition, zoo``, or its ``options`` attribute); None when not known (``module:factory``, ``**``)."""
-    _load_builtin()
     factory = ADAPTERS.get(family)
     if factory is None:
         return None
@@ -77,7 +68,6 @@ def check_family_options(family: str, options: Mapping[str, Any], field: str = "
 
 
 def make_adapter(family: str, condition: str, zoo, options: Mapping[str, Any] | None = None) -> TaskAdapter:
-    problem = _load_builtin()
     if ":" in family and family not in ADAPTERS:
         mod, _, fn = family.rpartition(":")
         try:
@@ -87,8 +77,7 @@ def make_adapter(family: str, condition: str, zoo, options: Mapping[str, Any] | 
     elif family in ADAPTERS:
         factory = ADAPTERS[family]
     else:
-        hint = f" (built-in families unavailable: {problem})" if problem else ""
-        raise AdapterError(f"family: unknown {family!r} (known: {sorted(ADAPTERS)}; or 'module:factory'){hint}")
+        raise AdapterError(f"family: unknown {family!r} (known: {sorted(ADAPTERS)}; or 'module:factory')")
     try:
         return factory(condition, zoo, **dict(options or {}))
     except TypeError as exc:

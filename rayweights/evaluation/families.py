@@ -36,7 +36,7 @@ from ..blocks import WeightLayout
 from ..conditioning import TextEncoder
 from ..config import ConfigError
 from ..zoo.families import get_family
-from ..zoo.families import read_zoo_spec as _read_spec
+from ..zoo.spec import read_zoo_spec as _read_spec
 from .adapters import AdapterError, register_adapter
 from .fid import build_feature_extractor, compute_fid, save_images
 from .metrics import l1_error

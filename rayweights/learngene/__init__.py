@@ -26,6 +26,7 @@ from .build import (DEPTH_MODES, EXTEND_MODES, FactorizedWeight, InitReport, bui
                     init_from_learngene, map_depth, materialize, norm_parameters, sigma_phase_parameters)
 from .factor import MODES, Gene, Learngene, decompose, extract
 from .layers import LayerMatch, LayerType, LearngeneError, match_layer_types
+from . import generator  # noqa: F401  (registers the block_unet1d model family)
 from .models import MODEL_FAMILIES, ModelFamily, get_model_family, register_model_family
 
 __all__ = ["LayerType", "LayerMatch", "match_layer_types", "LearngeneError", "extract", "decompose", "Learngene",

@@ -10,8 +10,8 @@ given size (``build(**size)``).  Built in:
   projection, then attention) for ``(x [B, C, T], t [B]) -> eps``; size ``channels``, ``depth``.
 * ``zoo_resnet_small``: the zoo's ``resnet_small`` (rayweights.zoo architectures) on digits; size
   ``width``, ``blocks``.
-* ``block_unet1d``: the generator BlockUNet1D, registered by :mod:`.generator` when
-  ``rayweights.generators`` is importable.
+* ``block_unet1d``: the generator BlockUNet1D, registered by :mod:`.generator` (imported with the
+  ``rayweights.learngene`` package).
 
 Users add their own with :func:`register_model_family` (Python) or give ``layer_types`` plus
 ``constructor: "package.module:function"`` in a job config.
@@ -68,8 +68,6 @@ def register_model_family(family: ModelFamily) -> ModelFamily:
 
 
 def get_model_family(name: str) -> ModelFamily:
-    if name == "block_unet1d" and name not in MODEL_FAMILIES:
-        from . import generator  # noqa: F401  (registers it when rayweights.generators exists)
     if name not in MODEL_FAMILIES:
         raise LearngeneError(f"family: unknown {name!r} (registered: {', '.join(sorted(MODEL_FAMILIES))})")
     return MODEL_FAMILIES[name]

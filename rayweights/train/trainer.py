@@ -141,7 +141,7 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
             kwargs.update(conditions=cache, text_encoder=cfg.text_encoder)
         elif klass.conditioning == "dataset":
             from ..config import ConfigError, to_dict
-            from ..zoo.families import read_zoo_spec
+            from ..zoo.spec import read_zoo_spec
 
             opts = {"samples_per_class": cfg.dataset_samples_per_class, "seed": cfg.seed}
             try:

@@ -7,7 +7,7 @@ Public API: ``ZooSpec`` (strict YAML spec), ``build_zoo(spec) -> BuildSummary``,
 
 from .builder import BuildSummary, build_zoo, plan_tasks, zoo_layout
 from .retokenize import retokenize_zoo
-from .spec import ConceptOptions, HParamRanges, Resources, ZooSpec
+from .spec import ConceptOptions, HParamRanges, Resources, ZooSpec, read_zoo_spec
 
 __all__ = ["ZooSpec", "ConceptOptions", "HParamRanges", "Resources", "build_zoo", "BuildSummary", "plan_tasks",
-           "zoo_layout", "retokenize_zoo"]
+           "zoo_layout", "retokenize_zoo", "read_zoo_spec"]

@@ -9,7 +9,7 @@ from ..config import ConfigError, to_dict
 from ..storage import read_bytes, resolve
 from ..table import open_zoo
 from .builder import zoo_layout
-from .families import read_zoo_spec
+from .spec import read_zoo_spec
 
 __all__ = ["retokenize_zoo"]
 

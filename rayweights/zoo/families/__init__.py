@@ -16,7 +16,7 @@ from . import concepts  # noqa: E402,F401  (registers the family)
 __all__ = ["FAMILIES", "Family", "Task", "get_family", "register_family", "draw_hparams", "evaluate",
            "train_epoch", "freeze_batchnorm", "make_optimizer", "resolve_device", "load_dataset",
            "dataset_prefix", "task_split", "task_data", "enumerate_tasks", "task_from_condition",
-           "base_model_state", "train_member", "template_state_dict", "condition_features", "read_zoo_spec"]
+           "base_model_state", "train_member", "template_state_dict", "condition_features"]
 
 
 def template_state_dict(spec, k: int | None = None) -> dict:
@@ -35,23 +35,3 @@ def condition_features(spec, condition: str, samples_per_class: int = 10, seed: 
     ``condition`` names, from the data ``spec``'s family builds (any dataset the zoo can use:
     digits, image folders, torchvision, Parquet tables, frozen CLIP features)."""
     return get_family(spec.family).condition_features(spec, condition, int(samples_per_class), int(seed))
-
-
-def read_zoo_spec(zoo_uri: str):
-    """(ZooSpec, held-out conditions) from ``<zoo>/zoo_spec.json`` (written by build-zoo), or
-    (None, []) for a table written without the builder."""
-    import dataclasses
-    import json
-
-    from ...config import from_dict
-    from ...storage import read_bytes, resolve
-    from ..spec import ZooSpec
-
-    try:
-        d = json.loads(read_bytes(resolve(zoo_uri).join("zoo_spec.json")))
-    except FileNotFoundError:
-        return None, []
-    spec = from_dict(ZooSpec, d["spec"])
-    if not spec.output:
-        spec = dataclasses.replace(spec, output=zoo_uri)
-    return spec, list(d.get("held_out", []))
