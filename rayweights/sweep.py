@@ -54,7 +54,7 @@ from .evaluation.report import summary_metrics
 from .fmt import cell
 from .pipeline import PipelineConfig, Stages, check_stages, layout_metrics, load_pipeline_config, train_metrics
 from .pipeline.config import abs_output
-from .runtime import ray_init
+from . import runtime           # runtime.ray_init at call time: tests can forbid starting Ray
 from .sampling import load_sampler
 from .storage import StorageError, check_writable, exists, join, read_bytes, resolve, write_bytes_atomic
 from .table import open_zoo
@@ -218,7 +218,7 @@ def _trial_rounds(cfg: PipelineConfig, show_progress: bool) -> Iterator[dict]:
     continuing the previous one from its latest checkpoint (the trainer's ``extend_last_stage``);
     a restarted trial whose rounds had all finished goes straight to the evaluation, any other
     restarted trial starts its (own) generator over."""
-    ray_init(None)
+    runtime.ray_init(None)
     st = Stages(cfg, None, show_progress)
     t0 = time.perf_counter()
     st.build_zoo()
@@ -263,7 +263,7 @@ def run_trial(base_config: str, overrides: Sequence[str], trial_dir: str,
         cfg = dataclasses.replace(cfg, cache=os.path.join(os.path.dirname(trial_dir.rstrip("/")), "_shared"))
     check_stages(cfg)
     report = report or (lambda m: None)
-    ray_init(None)
+    runtime.ray_init(None)
     metrics: dict = {}
     if ray.util.get_current_placement_group() is not None:
         task = ray.remote(num_cpus=0, scheduling_strategy="DEFAULT", max_retries=0)(_trial_rounds)
@@ -297,7 +297,7 @@ def check_output(output: str) -> str:
 def run_sweep(space: SweepSpace, output: str, address: str | None = None, resume: bool = True):
     """Run (or resume) the sweep; returns (results DataFrame, paths written)."""
     output = check_output(output)
-    ray_init(address)
+    runtime.ray_init(address)
     trainable = tune.with_resources(
         functools.partial(_trainable, base_config=space.base_config, fixed=space.fixed, output_root=output),
         {"cpu": space.resources_per_trial.cpu, "gpu": space.resources_per_trial.gpu})

@@ -30,7 +30,7 @@ from diffusers.utils import logging as diffusers_logging
 from ..config import job_argparser, job_overrides, to_dict
 from ..errors import expected, job_main
 from ..evaluation.report import comparison_table, summary_metrics
-from ..runtime import ray_init
+from .. import runtime          # runtime.ray_init at call time: tests can forbid starting Ray
 from ..storage import resolve, write_bytes_atomic
 from .config import (DEFAULT_CONFIG_NOTE, PipelineConfig, StageConfigs, check_stages, eval_config_of,
                      load_pipeline_config, resolve_path, train_config_of, zoo_spec_of)
@@ -75,7 +75,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, address: str |
                  print_table: bool = True) -> PipelineResult:
     """Build the zoo, train the generator, evaluate it on the held-out tasks, print the table."""
     st = Stages(cfg, address, show_progress)          # every config checked before any work
-    ray_init(address)
+    runtime.ray_init(address)
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
     _banner(show_progress, f"[1/3] zoo: {cfg.zoo_spec} -> {st.zoo}")

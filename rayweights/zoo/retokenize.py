@@ -7,7 +7,7 @@ import json
 
 from ..config import ConfigError, to_dict
 from ..storage import read_bytes, resolve
-from ..table import open_zoo
+from ..table import retokenize
 from .builder import zoo_layout
 from .spec import read_zoo_spec
 
@@ -19,7 +19,7 @@ def retokenize_zoo(src: str, dst: str, block_size: int | None = None, rule: int 
     """Write the members of zoo ``src`` into a new zoo ``dst`` with another block size and/or grouping
     rule (same members, checkpoints and metrics: nothing is retrained).  The family's caches (base
     models, features) are copied; ``zoo_spec.json`` is rewritten with the new layout values.
-    Idempotent (:meth:`rayweights.table.Zoo.retokenize`): a finished ``dst`` is returned as is."""
+    Idempotent (:func:`rayweights.table.retokenize`): a finished ``dst`` is returned as is."""
     spec, _ = read_zoo_spec(src)
     if spec is None:
         raise ConfigError(f"zoo: {resolve(src).join('zoo_spec.json').describe()} is missing "
@@ -28,6 +28,6 @@ def retokenize_zoo(src: str, dst: str, block_size: int | None = None, rule: int 
     spec = dataclasses.replace(spec, output=dst, block_size=int(block_size or spec.block_size),
                                rule=spec.rule if rule is None else rule)
     new_meta = {**meta, "spec": to_dict(spec), "retokenized_from": src}
-    open_zoo(src).retokenize(dst, zoo_layout(spec), files={"zoo_spec.json": json.dumps(new_meta, indent=1).encode()},
-                             show_progress=show_progress)
+    retokenize(src, dst, zoo_layout(spec), files={"zoo_spec.json": json.dumps(new_meta, indent=1).encode()},
+               show_progress=show_progress)
     return dst

@@ -28,8 +28,11 @@ import zlib
 from functools import lru_cache
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
+from ...storage import exists, join, read_bytes, resolve, write_bytes_atomic
 from .. import architectures
 from .. import editor as E
 from .base import Family, Recipe, Task, freeze_batchnorm, make_optimizer, register_family, snapshot
@@ -139,11 +142,6 @@ def task_pairs(spec, task: Task, device: str = "cpu"):
 
 
 def _cached_edit(spec, task: Task, src: torch.Tensor, device: str) -> torch.Tensor:
-    from safetensors.torch import load as st_load
-    from safetensors.torch import save as st_save
-
-    from ...storage import exists, join, read_bytes, resolve, write_bytes_atomic
-
     loc = resolve(join(spec.output, "pairs", f"{task.task_id}.safetensors"))
     meta = json.dumps({"editor": spec.concepts.editor, "options": spec.concepts.editor_options,
                        "prompt": task.condition, "n": len(src), "size": src.shape[-1],
@@ -172,11 +170,6 @@ def _base_config(spec) -> dict:
 def base_generator_state(spec, device: str = "cpu", store: bool = False) -> dict:
     """The zoo's base generator weights: from ``<zoo>/base/generator/`` when it holds one trained with
     this configuration, else trained here (identity L1 on procedural images) and, with ``store``, cached."""
-    from safetensors.torch import load as st_load
-    from safetensors.torch import save as st_save
-
-    from ...storage import exists, join, read_bytes, resolve, write_bytes_atomic
-
     cfg = _base_config(spec)
     key = (spec.output, json.dumps(cfg, sort_keys=True))
     if key in _BASE:

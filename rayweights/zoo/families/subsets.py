@@ -20,7 +20,10 @@ import math
 import zlib
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
+from ...storage import exists, join, read_bytes, resolve, write_bytes_atomic
 from .. import architectures
 from . import data as D
 from .base import (Family, Recipe, Task, centre, evaluate, make_optimizer, register_family, snapshot, train_epoch)
@@ -161,8 +164,6 @@ def _base_config(spec, task: Task) -> dict:
 
 
 def _base_location(spec, task: Task):
-    from ...storage import join, resolve
-
     return resolve(join(spec.output, "base", f"{task.task_id}.safetensors")) if spec.output else None
 
 
@@ -170,11 +171,6 @@ def base_model_state(spec, task: Task, store: bool = False) -> dict:
     """partial: the task's shared base model.  Read from the zoo's cache when the zoo has it (so
     evaluation uses bit-identical weights to the members'), else trained (deterministic per task)
     and, with ``store``, written to the cache."""
-    from safetensors.torch import load as st_load
-    from safetensors.torch import save as st_save
-
-    from ...storage import exists, read_bytes, write_bytes_atomic
-
     cfg = json.dumps(_base_config(spec, task), sort_keys=True)
     key = (spec.output, cfg)
     if key in _BASES:
