@@ -13,6 +13,8 @@
 * :func:`sinusoidal_encoding` / :class:`BlockIndexEmbedding` — Denoised Neural Weights eq. 2:
   ``SinEnc(n, 2i) = sin(n / 10000^(2i/d))``, ``SinEnc(n, 2i+1) = cos(n / 10000^(2i/d))``, fed
   through an MLP to ``emb_n`` which generators add to the timestep embedding (``emb = emb_n + emb_t``).
+
+One module (~430 lines) for the three encoders, the layer the generators import conditions from.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Reading a zoo: :func:`open_zoo` -> :class:`Zoo` (members, blocks, state_dicts, a Ray Data
-dataset, verification) and compaction under a new manifest version."""
+dataset, verification) and compaction under a new manifest version.  One module (~420 lines): the
+manifest rules of :func:`open_zoo` and the reads of :class:`Zoo` are one contract and change together."""
 
 from __future__ import annotations
 
