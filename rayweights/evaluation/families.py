@@ -4,8 +4,8 @@
   architecture with a k-way head, fine-tuned with the zoo's optimiser on the task's training split,
   accuracy on its validation split (the split the zoo members were scored on).  Default ("random")
   initialisation: the architecture's own init for the seed.
-* ``partial`` — p-diff: the task's shared base model (``rayweights.zoo.families.base_model_state``,
-  read from the zoo's cache) with only the layout's parameters trainable and BN statistics frozen,
+* ``partial`` — p-diff: the task's shared base model (the recipe's base weights, read from the
+  zoo's cache) with only the layout's parameters trainable and BN statistics frozen,
   as the members were trained.  "random" re-initialises those parameters with the architecture's
   own init; (c) "pretrained" is the base model itself.
 * ``concepts`` — Denoised Neural Weights: the zoo's base image-to-image generator with LoRA + BN
@@ -16,8 +16,10 @@
   similarity (for (c)) is the cosine of the prompts' text embeddings (the frozen text encoder), or
   word overlap with ``similarity: tokens``.
 
-All read the zoo's ``zoo_spec.json`` (written by ``build-zoo``) to rebuild exactly the members'
-architecture, data and optimiser.
+All read the zoo's ``zoo_spec.json`` (written by ``build-zoo``) and train with the zoo family's own
+recipe (``rayweights.zoo.families.get_family(...).recipe``: model, base weights, optimiser, split,
+epoch, metric), the one its members were trained with; hyper-parameters not given in
+``family_options`` are the centre of the zoo's ranges.
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ def _recipe(spec, condition: str, what: str = "", **hparams):
         raise AdapterError(f"task {condition!r}: {what}{exc}") from exc
     try:
         return family.recipe(spec, task, **hparams)
-    except ValueError as exc:
-        raise AdapterError(f"family_options.{exc}") from exc
+    except ValueError as exc:                       # a bad option ("optimizer: ...") or the task's data
+        key = str(exc).split(":", 1)[0]
+        raise AdapterError(f"family_options.{exc}" if key in hparams else f"task {condition!r}: {exc}") from exc
 
 
 def _check_layout(recipe, layout: WeightLayout, spec) -> None:

@@ -1,19 +1,19 @@
 """Task families: ``dataset-subsets`` (D2NWG), ``partial`` (p-diff), ``concepts`` (Denoised Neural
 Weights).  A family enumerates tasks and trains one member of one task; see :class:`Family`.
-
-The module-level functions below are the classifier families' public helpers (used by the
-evaluation stage to rebuild exactly what the members saw).
+``family.recipe(spec, task)`` (a :class:`Recipe`: build model, base weights, optimiser, split,
+train epoch, evaluate) is how it trains: the members are trained with it and the evaluation
+fine-tunes with it.
 """
 
 from __future__ import annotations
 
-from .base import (FAMILIES, Family, Task, draw_hparams, evaluate, freeze_batchnorm, get_family,
+from .base import (FAMILIES, Family, Recipe, Task, draw_hparams, evaluate, freeze_batchnorm, get_family,
                    make_optimizer, register_family, resolve_device, train_epoch)
 from .data import dataset_prefix, load_dataset, task_split
 from .subsets import base_model_state, enumerate_tasks, task_data, task_from_condition
 from . import concepts  # noqa: E402,F401  (registers the family)
 
-__all__ = ["FAMILIES", "Family", "Task", "get_family", "register_family", "draw_hparams", "evaluate",
+__all__ = ["FAMILIES", "Family", "Recipe", "Task", "get_family", "register_family", "draw_hparams", "evaluate",
            "train_epoch", "freeze_batchnorm", "make_optimizer", "resolve_device", "load_dataset",
            "dataset_prefix", "task_split", "task_data", "enumerate_tasks", "task_from_condition",
            "base_model_state", "train_member", "template_state_dict", "condition_features"]
