@@ -140,7 +140,7 @@ def test_corrupt_file_named_others_readable(tmp_path):
     uri = str(tmp_path / "zoo")
     write_zoo(uri)
     zoo = open_zoo(uri)
-    bad = tmp_path / "zoo" / zoo._row("m2")["file"]
+    bad = tmp_path / "zoo" / zoo.file_of("m2")
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
     with pytest.raises(ZooError, match=r"corrupt or truncated Parquet file .*member=m2\.parquet"):
         zoo.blocks(["m2"])
@@ -161,7 +161,7 @@ def test_member_whose_write_died_is_invisible(tmp_path):
     assert sorted(zoo.members.column("member_id").to_pylist()) == ["m0", "m1"]
     assert w.done_members() == {"m0", "m1"}
     # an entry whose blocks file was deleted is not done (a resume redoes it)
-    os.remove(tmp_path / "zoo" / zoo._row("m1")["file"])
+    os.remove(tmp_path / "zoo" / zoo.file_of("m1"))
     assert w.done_members() == {"m0"}
 
 
@@ -186,7 +186,8 @@ def test_snapshot_plus_new_entries(tmp_path):
     w.write_member("m0", "t0", "rewritten", 0, [CheckpointRecord(0, make_sd(1))])
     zoo = open_zoo(uri)
     assert sorted(zoo.members.column("member_id").to_pylist()) == ["m0", "m1", "m2", "m7"]
-    assert zoo._row("m0")["condition"] == "rewritten"
+    rows = {r["member_id"]: r for r in zoo.members.to_pylist()}
+    assert rows["m0"]["condition"] == "rewritten"
     assert w.consolidate() == 2
     assert open_zoo(uri).version == 2
 
@@ -263,7 +264,7 @@ def test_unwritable_output(tmp_path):
 # ----------------------------------------------------------------------------- integrity
 def _corrupt_two(root, zoo):
     """Truncate m1's file, fill m2's with random bytes of the same size."""
-    f1, f2 = root / zoo._row("m1")["file"], root / zoo._row("m2")["file"]
+    f1, f2 = root / zoo.file_of("m1"), root / zoo.file_of("m2")
     f1.write_bytes(f1.read_bytes()[: f1.stat().st_size // 2])
     f2.write_bytes(np.random.default_rng(0).bytes(f2.stat().st_size))
 
@@ -289,8 +290,8 @@ def test_verify_names_corrupt_member_files(tmp_path, level):
     assert sorted(b.member_id for b in bad) == ["m1", "m2"]
     assert all("member=" in b.file and b.problem for b in bad)
     # a file rewritten with valid Parquet but other content: only the checksum sees it
-    f3 = tmp_path / "zoo" / zoo._row("m3")["file"]
-    f0 = tmp_path / "zoo" / zoo._row("m0")["file"]
+    f3 = tmp_path / "zoo" / zoo.file_of("m3")
+    f0 = tmp_path / "zoo" / zoo.file_of("m0")
     f3.write_bytes(f0.read_bytes())
     names = sorted(b.member_id for b in open_zoo(uri).verify(level))
     assert names == (["m1", "m2", "m3"] if level == "checksum" else ["m1", "m2"])
@@ -345,7 +346,7 @@ def test_compacted_zoo_verifies(tmp_path):
     compact_zoo(uri, target_rows=10 ** 6)
     zoo = open_zoo(uri)
     assert zoo.verify() == [] and zoo.verify("footer") == []
-    part = tmp_path / "zoo" / zoo._row("m0")["file"]
+    part = tmp_path / "zoo" / zoo.file_of("m0")
     part.write_bytes(part.read_bytes()[:-20])
     assert sorted(b.member_id for b in open_zoo(uri).verify("footer")) == ["m0", "m1", "m2", "m3"]
 

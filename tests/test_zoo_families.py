@@ -342,8 +342,7 @@ def test_concept_member_learns_its_edit_and_reassembles(tmp_path):
         G = C.load_base_generator(s)
         G.load_state_dict(sd, strict=False)
         task = [t for t in plan_tasks(s)[0] if f"{t.task_id}-s0" == mid][0]
-        (_, _), (xva, yva) = C.task_pairs(s, task)
-        assert C._l1(G.eval(), xva * 2 - 1, yva * 2 - 1) == pytest.approx(m["val_l1"], abs=1e-6)
+        assert F.get_family("concepts").recipe(s, task).evaluate(G)["l1"] == pytest.approx(m["val_l1"], abs=1e-6)
     # the cached base generator is reused, and a different base config in the same zoo is refused
     assert C.base_generator_state(s) is C.base_generator_state(s)
     s_other = load_config(ZooSpec, CONCEPTS, _tiny_concepts(out) + ["base_epochs=5"])

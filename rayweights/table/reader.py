@@ -158,6 +158,10 @@ class Zoo:
                 return r
         raise ZooError(f"member {member_id!r} is not in the zoo at {self.root.describe()}")
 
+    def file_of(self, member_id: str) -> str:
+        """The file holding the member's blocks, relative to the zoo root (``blocks/...`` or ``compacted/...``)."""
+        return self._row(member_id)["file"]
+
     @property
     def files(self) -> list[tuple[str, list[str] | None]]:
         """Explicit (relative file, member filter) list: the plan for every read."""
