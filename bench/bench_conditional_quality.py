@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from rayweights.table import open_zoo  # noqa: E402
-from rayweights.zoo.families import read_zoo_spec  # noqa: E402
+from rayweights.zoo.spec import read_zoo_spec  # noqa: E402
 from tests.condkit import (HELD_OUT, build_subsets_zoo, make_method, score, table, train_config,  # noqa: E402
                            train_in_process)
 

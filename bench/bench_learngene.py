@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rayweights.config import load_config  # noqa: E402
 from rayweights.fmt import cell  # noqa: E402
-from rayweights.learngene.experiment import prepare, run_learngene  # noqa: E402
+from rayweights.learngene.experiment import plan_learngene, run_learngene  # noqa: E402
 from rayweights.learngene.spec import LearngeneConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     for path in a.config or CONFIGS:
         for mode in a.modes.split(","):
             cfg = load_config(LearngeneConfig, path, [*a.overrides, f"extract.mode={mode}"])
-            plan = prepare(cfg)
+            plan = plan_learngene(cfg)
             out = os.path.join(out_root, f"{cfg.name}-{mode}")
             t0 = time.perf_counter()
             s = run_learngene(plan, out, progress=False)

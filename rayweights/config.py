@@ -32,6 +32,7 @@ __all__ = [
     "from_dict",
     "to_dict",
     "apply_overrides",
+    "check_override_key",
     "job_argparser",
     "parse_job_args",
     "check_keywords",
@@ -170,7 +171,7 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _check_override_key(cls: Any, key: str) -> None:
+def check_override_key(cls: Any, key: str) -> None:
     """``--set key=...`` must name a field of ``cls`` (dotted through nested dataclasses); an unknown
     key is reported as coming from ``--set``, not from the config file."""
     tp = cls
@@ -241,7 +242,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         data.update(read_yaml(path))
     for item in overrides or ():
         if "=" in item and dataclasses.is_dataclass(cls):
-            _check_override_key(cls, item.split("=", 1)[0].strip())
+            check_override_key(cls, item.split("=", 1)[0].strip())
     apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)

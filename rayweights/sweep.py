@@ -18,24 +18,47 @@ search space over *dotted config keys* of that pipeline config::
       lr: {loguniform: [1.0e-4, 1.0e-2]}
 
 Each trial applies its sampled values as ``--set`` overrides to the base config and runs
-:func:`rayweights.pipeline.run_trial`, which re-tokenises the zoo when block size or grouping
-rule change, trains the generator (reporting per round for ASHA), samples and scores the
-generated weights without fine-tuning, and reports the ablation metric.  An interrupted sweep
+:func:`run_trial`, which runs the pipeline's stages (``rayweights.pipeline.Stages``): re-tokenises
+the zoo when block size or grouping rule change, trains the generator (reporting per round for
+ASHA), samples and scores the generated weights without fine-tuning, and reports the ablation
+metric.  An interrupted sweep
 resumes with ``Tuner.restore``.  Results: a table printed and saved (markdown + CSV) and a plot.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import io
+import json
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
-from .config import ConfigError, from_dict, read_yaml
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from .config import (ConfigError, apply_overrides, check_override_key, from_dict, load_config, override_value,
+                     read_yaml)
 from .errors import job_main
+from .evaluation import make_adapter, score_samples
+from .evaluation.cli import resolve_defaults
+from .evaluation.report import summary_metrics
+from .fmt import cell
+from .pipeline import PipelineConfig, Stages, check_stages, layout_metrics, load_pipeline_config, train_metrics
+from .pipeline.config import abs_output
+from . import runtime           # runtime.ray_init at call time: tests can forbid starting Ray
+from .sampling import load_sampler
+from .storage import StorageError, check_writable, exists, join, read_bytes, resolve, write_bytes_atomic
+from .table import open_zoo
+from .train.config import resolved_stage
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +115,9 @@ class SweepSpace:
 
 
 def load_space(path: str | os.PathLike, overrides=()) -> SweepSpace:
-    from .config import _check_override_key, apply_overrides
-
     for item in overrides or ():
         if "=" in item:
-            _check_override_key(SweepSpace, item.split("=", 1)[0].strip())
+            check_override_key(SweepSpace, item.split("=", 1)[0].strip())
     data = apply_overrides(read_yaml(path), overrides)
     try:
         space = from_dict(SweepSpace, data)
@@ -126,9 +147,6 @@ def _check_keys(space: SweepSpace, path) -> None:
     """Fail at load time, not in trial N, when a searched or fixed key is not a field of the base
     pipeline config (or its value has the wrong type): one value per key goes through the same
     strict loader the trials use."""
-    from .config import load_config, override_value
-    from .pipeline import PipelineConfig, check_stages
-
     items = [("fixed", k, v) for k, v in space.fixed.items()]
     items += [("space", k, _example_value(d)) for k, d in space.space.items()]
     for section, key, value in items:
@@ -148,8 +166,6 @@ def _check_keys(space: SweepSpace, path) -> None:
 
 
 def to_tune_space(space: SweepSpace) -> dict:
-    from ray import tune
-
     out = {}
     for key, dist in space.space.items():
         kind, arg = next(iter(dist.items()))
@@ -168,25 +184,108 @@ def to_tune_space(space: SweepSpace) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- one trial
+_TRAINED = "trained.json"        # <trial>/trained.json: the trial's generator finished all its rounds
+
+
+def _mean(values) -> float:
+    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(v) / len(v) if v else math.nan
+
+
+def _score_round(st: Stages) -> dict[str, Any]:
+    """Metric of the generated weights without fine-tuning on the held-out tasks (intermediate rounds)."""
+    ecfg = resolve_defaults(st.ecfg)
+    zoo = open_zoo(st.zoo)
+    sampler = load_sampler(st.export, ecfg.method, ecfg.t, ecfg.steps, device="cpu")
+    avgs, bests, metric = [], [], "metric"
+    t0 = time.perf_counter()
+    for c in ecfg.tasks:
+        adapter = make_adapter(ecfg.family, c, zoo, dict(ecfg.family_options))
+        s = score_samples(adapter, sampler, ecfg.num_samples, seed=ecfg.seed)
+        avgs.append(s["avg"])
+        bests.append(s["best"])
+        metric = adapter.metric
+    n = max(1, len(ecfg.tasks) * ecfg.num_samples)
+    return {f"gen_{metric}": _mean(avgs), f"gen_{metric}_best": _mean(bests), "metric": metric,
+            "sample_seconds": (time.perf_counter() - t0) / n}
+
+
+def _trial_rounds(cfg: PipelineConfig, show_progress: bool) -> Iterator[dict]:
+    """The trial's work; yields the metrics of each round (the last one after the full evaluation).
+
+    With ``rounds: R > 1`` the generator's last stage trains in R rounds of ``steps / R``, each
+    continuing the previous one from its latest checkpoint (the trainer's ``extend_last_stage``);
+    a restarted trial whose rounds had all finished goes straight to the evaluation, any other
+    restarted trial starts its (own) generator over."""
+    runtime.ray_init(None)
+    st = Stages(cfg, None, show_progress)
+    t0 = time.perf_counter()
+    st.build_zoo()
+    layout = layout_metrics(st.zoo)
+    if cfg.rounds > 1:
+        total = int(resolved_stage(st.tcfg, st.last_stage())["steps"])
+        marker = resolve(st.output).join(_TRAINED)
+        finished = exists(marker) and json.loads(read_bytes(marker)) == {"run": st.run_uri, "steps": total}
+        if not finished:
+            st.discard_generator()
+            for r in range(1, cfg.rounds):
+                tres = st.train(steps_of_last=max(1, math.ceil(total * r / cfg.rounds)), extend=True)
+                yield {**_score_round(st), **train_metrics(tres), **layout, "round": r,
+                       "seconds": time.perf_counter() - t0}
+        tres = st.train(steps_of_last=total, extend=True)
+        write_bytes_atomic(marker, json.dumps({"run": st.run_uri, "steps": total}).encode())
+    else:
+        tres = st.train()
+    results = st.evaluate()
+    yield {**summary_metrics(results), **train_metrics(tres), **layout, "round": cfg.rounds,
+           "seconds": time.perf_counter() - t0, "report": resolve(st.eval_dir).join("report.md").uri}
+
+
+def run_trial(base_config: str, overrides: Sequence[str], trial_dir: str,
+              report: Callable[[dict], Any] | None = None, show_progress: bool = False) -> dict:
+    """One Tune trial: the pipeline of ``base_config`` + ``overrides`` with its output in ``trial_dir``.
+
+    Stage folders are shared between the trials of a sweep (``<trial_dir>/../_shared`` unless the
+    config sets ``cache``), keyed by each stage's effective config: trials that differ only in
+    ``one_step_t`` share one generator, trials that differ only in block size share the zoo's
+    members.  ``report(metrics)`` is called after each of the ``rounds`` training rounds (for ASHA;
+    intermediate rounds score the generated weights only: ``gen_<metric>`` is the mean over held-out
+    tasks of the average over the N samples) and after the final evaluation; the final metrics are
+    returned (and written to ``<trial_dir>/metrics.json``).
+
+    Inside a Tune trial (a placement group of the trial's resources) the stages run in a 0-CPU Ray
+    task scheduled outside that group, so their own tasks, actors and Ray Train workers take the
+    cluster's free resources instead of having to fit in the trial's bundle."""
+    trial_dir = abs_output(trial_dir)
+    cfg = load_pipeline_config(base_config, list(overrides) + [f"output={override_value(trial_dir)}"])
+    if not cfg.cache:
+        cfg = dataclasses.replace(cfg, cache=os.path.join(os.path.dirname(trial_dir.rstrip("/")), "_shared"))
+    check_stages(cfg)
+    report = report or (lambda m: None)
+    runtime.ray_init(None)
+    metrics: dict = {}
+    if ray.util.get_current_placement_group() is not None:
+        task = ray.remote(num_cpus=0, scheduling_strategy="DEFAULT", max_retries=0)(_trial_rounds)
+        for ref in task.remote(cfg, show_progress):
+            metrics = ray.get(ref)
+            report(metrics)
+    else:
+        for metrics in _trial_rounds(cfg, show_progress):
+            report(metrics)
+    write_bytes_atomic(resolve(trial_dir).join("metrics.json"), json.dumps(metrics, indent=1, default=str).encode())
+    return metrics
+
+
 def _trainable(params: dict, base_config: str, fixed: dict, output_root: str):
-    """One Tune trial: the pipeline's trial runner with this trial's overrides."""
-    from ray import tune
-
-    from .pipeline import run_trial
-
-    from .config import override_value
-
+    """One Tune trial: :func:`run_trial` with this trial's overrides."""
     overrides = [f"{k}={override_value(v)}" for k, v in {**fixed, **params}.items()]
-    from .storage import join
-
     trial_dir = join(output_root, "trials", tune.get_context().get_trial_id())
     run_trial(base_config, overrides, trial_dir, report=tune.report)
 
 
 def check_output(output: str) -> str:
     """The sweep's output URI (local folders made absolute), probed for writing before Ray starts."""
-    from .storage import StorageError, check_writable
-
     output = os.path.abspath(output) if "://" not in output else output
     try:
         check_writable(output)
@@ -197,20 +296,11 @@ def check_output(output: str) -> str:
 
 def run_sweep(space: SweepSpace, output: str, address: str | None = None, resume: bool = True):
     """Run (or resume) the sweep; returns (results DataFrame, paths written)."""
-    import functools
-
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from .runtime import ray_init
-
     output = check_output(output)
-    ray_init(address)
+    runtime.ray_init(address)
     trainable = tune.with_resources(
         functools.partial(_trainable, base_config=space.base_config, fixed=space.fixed, output_root=output),
         {"cpu": space.resources_per_trial.cpu, "gpu": space.resources_per_trial.gpu})
-    from .storage import join
-
     exp_path = join(output, space.name)
     if resume and tune.Tuner.can_restore(exp_path):
         log.info("resuming sweep %s from %s", space.name, exp_path)
@@ -235,11 +325,10 @@ def run_sweep(space: SweepSpace, output: str, address: str | None = None, resume
 
 
 def write_results(space: SweepSpace, grid, output: str):
-    import matplotlib
+    import matplotlib             # the plotting backend is chosen only where a plot is made
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
     rows = []
     for res in grid:
@@ -254,14 +343,11 @@ def write_results(space: SweepSpace, grid, output: str):
     df = pd.DataFrame(rows)
     if space.metric in df and df[space.metric].notna().any():
         df = df.sort_values(space.metric, ascending=(space.mode == "min"), na_position="last")
-    from .fmt import cell
-
     cols = list(df.columns)         # our own markdown (pandas' to_markdown needs the optional tabulate)
     md = "\n".join(["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
                    + ["| " + " | ".join(cell(v, 4, "g") for v in row) + " |" for row in df.itertuples(index=False)])
     title = f"## Sweep `{space.name}`: {space.description or ''} (metric {space.metric}, {space.mode})\n\n"
     text = title + md + "\n"
-    from .storage import join, resolve, write_bytes_atomic
 
     paths = {"markdown": join(output, f"{space.name}_results.md"),
              "csv": join(output, f"{space.name}_results.csv"),
@@ -288,8 +374,6 @@ def write_results(space: SweepSpace, grid, output: str):
 
 @job_main
 def main(argv=None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="sweep", description="Ray Tune sweep over a tune_spaces/*.yaml space")
     p.add_argument("--space", required=True, help="tune_spaces/<name>.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -29,7 +29,7 @@ from rayweights.train.config import GeneratorTrainConfig, resolved_stage
 from rayweights.zoo import ZooSpec, build_zoo
 from rayweights.zoo import architectures, families
 try:
-    from rayweights.zoo.families import read_zoo_spec
+    from rayweights.zoo.spec import read_zoo_spec
 except ImportError:                     # a checkout before the zoo family's data API (to run the gate on it)
     def read_zoo_spec(uri):
         from rayweights.evaluation.families import read_zoo_spec as read

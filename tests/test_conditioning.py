@@ -104,7 +104,7 @@ def test_dataset_features_digits_and_files(tmp_path):
 
     save_file({"features": torch.randn(4, 12, 10)}, str(tmp_path / "f.safetensors"))
     assert dataset_features(f"features:{tmp_path / 'f.safetensors'}", 5).shape == (4, 5, 10)
-    with pytest.raises(ConditioningError, match="no dataset resolver for 'cifar'"):
+    with pytest.raises(ConditioningError, match="no dataset named 'cifar'"):
         dataset_features("cifar:0,1")
     with pytest.raises(ConditioningError, match="classes 0-9"):
         dataset_features("digits:0,12")

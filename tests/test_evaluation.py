@@ -306,3 +306,16 @@ def test_partial_zoo_members_are_reproducible(partial_zoo):
         m = ad.build_model(0)
         ad.load_layout_state_dict(m, sd)
         assert ad.evaluate(m)["accuracy"] == pytest.approx(zoo.metrics(mid)[-1]["val_acc"], abs=1e-6)
+
+
+def test_family_options_typos_fail_at_load_naming_the_key():
+    from rayweights.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"family_options\.lrr: unknown option for family 'dataset-subsets'"):
+        load_config(EvaluateConfig, None, ["family=dataset-subsets", "family_options={lrr: 0.1}"])
+    with pytest.raises(ConfigError, match=r"family_options\.metric: unknown option for family 'partial'"):
+        load_config(EvaluateConfig, None, ["family=partial", "family_options={metric: l1}"])
+    with pytest.raises(ConfigError, match=r"family_options\.optimiser: unknown option for any built-in family"):
+        load_config(EvaluateConfig, None, ["family_options={optimiser: sgd}"])        # the zoo's family, later
+    assert load_config(EvaluateConfig, None, ["family=concepts", "family_options={metric: l1, fid: false}"])
+    assert load_config(EvaluateConfig, None, ["family_options={lr: 0.01}"]).family_options == {"lr": 0.01}

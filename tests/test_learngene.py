@@ -11,7 +11,7 @@ from torch import nn
 
 from rayweights.config import ConfigError, from_dict
 from rayweights.learngene import (LayerType, Learngene, LearngeneError, build_model, collect_learngene, decompose,
-                                  extract, get_family, init_from_learngene, map_depth, match_layer_types,
+                                  extract, get_model_family, init_from_learngene, map_depth, match_layer_types,
                                   materialize, sigma_phase_parameters)
 from rayweights.learngene.build import resize_rows, resize_segments
 from rayweights.learngene.tasks import make_task, train_steps
@@ -180,7 +180,7 @@ def test_same_size_full_rank_init_reproduces_the_source():
 
 @pytest.mark.parametrize("mode", ["diag", "full"])
 def test_other_sizes_load_and_train(mode):
-    fam = get_family("digits_transformer")
+    fam = get_model_family("digits_transformer")
     task = make_task("digits", batch_size=32)
     torch.manual_seed(0)
     src = fam.construct({"width": 16, "depth": 2, "heads": 2})
@@ -204,7 +204,7 @@ def test_other_sizes_load_and_train(mode):
 
 
 def test_sigma_only_phase_updates_nothing_else():
-    fam = get_family("digits_transformer")
+    fam = get_model_family("digits_transformer")
     task = make_task("digits", batch_size=32)
     torch.manual_seed(0)
     lg = extract(fam.construct({"width": 16, "depth": 2, "heads": 2}), fam.layer_types, mode="diag")
@@ -236,7 +236,7 @@ def test_sigma_only_phase_updates_nothing_else():
 
 
 def test_learngene_learning_shares_and_returns_the_factors():
-    fam = get_family("digits_transformer")
+    fam = get_model_family("digits_transformer")
     task = make_task("digits", batch_size=32)
     torch.manual_seed(0)
     model = fam.construct({"width": 16, "depth": 3, "heads": 2})
@@ -254,7 +254,7 @@ def test_learngene_learning_shares_and_returns_the_factors():
 
 
 def test_block_unet_generator_sizes():
-    fam = get_family("block_unet1d")
+    fam = get_model_family("block_unet1d")
     base = {"preset": "tiny", "block_size": 32}
     src = fam.construct({**base, "block_channels": [16, 32], "layers_per_block": 2})
     types = fam.types_for(src)
@@ -342,7 +342,7 @@ def test_job_runs_sizes_on_ray_and_writes_everything(tmp_path, ray_local):
     from safetensors.torch import load_file
 
     sd = load_file(str(out / "inits" / "large" / "model.safetensors"))
-    fam = get_family("digits_transformer")
+    fam = get_model_family("digits_transformer")
     fam.construct({"width": 16, "depth": 2, "heads": 2}).load_state_dict(sd)
 
 

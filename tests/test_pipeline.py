@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rayweights.config import ConfigError
-from rayweights.pipeline import PipelineConfig, load_pipeline_config, main, run_pipeline
+from rayweights.pipeline import PipelineConfig, check_stages, load_pipeline_config, main, run_pipeline
 from rayweights.sweep import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +50,6 @@ def test_bad_pipeline_config_names_the_field(overrides, field):
 
 
 def test_bad_stage_settings_are_refused_before_any_work(tmp_path, capsys):
-    from rayweights.pipeline import _check
-
     cases = [
         (["generator=jobs/configs/nope.yaml"], "generator/train_set: config file not found"),
         (['train_set=["batch_sise=8"]'], "generator/train_set: .*unknown key.*batch_sise"),
@@ -64,7 +62,7 @@ def test_bad_stage_settings_are_refused_before_any_work(tmp_path, capsys):
     ]
     for overrides, msg in cases:
         with pytest.raises(ConfigError, match=msg):
-            _check(load_pipeline_config(None, overrides))
+            check_stages(load_pipeline_config(None, overrides))
     # the job: exit code 2 and one line naming the field, nothing written
     out = tmp_path / "never"
     assert main(["--set", "epochs=0", "--output", str(out)]) == 2
@@ -75,28 +73,24 @@ def test_bad_stage_settings_are_refused_before_any_work(tmp_path, capsys):
 
 
 def test_trial_knobs_reach_the_stage_configs():
-    from rayweights.pipeline import _check
-
     cfg = load_pipeline_config(None, ["input_noise=0.02", "latent_noise=0.3", "max_timestep=500", "lr=0.004",
                                       "one_step_t=20", "block_size=64", "rule=3"])
-    spec, bs, rule, tcfg, ecfg = _check(cfg)
+    spec, bs, rule, tcfg, ecfg = check_stages(cfg)
     assert (bs, rule) == (64, 3) and (spec.block_size, spec.rule) == (16, 1)     # re-tokenised later, not rebuilt
     assert tcfg.model["autoencoder"] == {"input_noise": 0.02, "latent_noise": 0.3}
     # as Tune writes them (json.dumps): 1e-05 is a float for the model config too, not YAML's string
-    tiny = _check(load_pipeline_config(None, [f"input_noise={json.dumps(1e-05)}", f"lr={json.dumps(2e-05)}"]))[3]
+    tiny = check_stages(load_pipeline_config(None, [f"input_noise={json.dumps(1e-05)}", f"lr={json.dumps(2e-05)}"]))[3]
     assert tiny.model["autoencoder"]["input_noise"] == 1e-05 and tiny.lr == 2e-05
     assert tcfg.scheduler.num_train_timesteps == 500 and tcfg.lr == 0.004
     assert (ecfg.method, ecfg.t) == ("one_step", 20)
     d2 = load_pipeline_config(None, ["generator=jobs/configs/d2nwg_tiny.yaml", "train_set=[]", "lr=0.005"])
-    t2 = _check(d2)[3]
+    t2 = check_stages(d2)[3]
     assert t2.lr == 0.005 and all(s.lr in (None, 0.005) for s in t2.stages.values())   # per-stage lrs too
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
 def test_every_tune_space_key_is_a_pipeline_key(path):
     import dataclasses
-
-    from rayweights.pipeline import _check
 
     space = load_space(path)
     fields = {f.name for f in dataclasses.fields(PipelineConfig)}
@@ -111,7 +105,7 @@ def test_every_tune_space_key_is_a_pipeline_key(path):
         over.append(f"{key}={json.dumps(v)}")
     over += [f"{k}={json.dumps(v)}" for k, v in space.fixed.items()]
     cfg = load_pipeline_config(space.base_config, over)
-    _check(cfg)
+    check_stages(cfg)
     assert base.train_set and any(s.startswith("cpus_per_worker=") for s in base.train_set)
     # feasible on the 2-CPU embedded Ray: a trial + its train workers leave a CPU for Ray Data
     assert space.resources_per_trial.cpu <= 0.5 and space.max_concurrent_trials == 1

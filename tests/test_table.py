@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rayweights.blocks import WeightLayout
-from rayweights.table import CheckpointRecord, ZooError, ZooWriter, compact_zoo, open_zoo
+from rayweights.table import CheckpointRecord, ZooError, ZooWriter, compact_zoo, open_zoo, retokenize
 
 
 def make_sd(seed: int, dtype=torch.float32):
@@ -140,7 +140,7 @@ def test_corrupt_file_named_others_readable(tmp_path):
     uri = str(tmp_path / "zoo")
     write_zoo(uri)
     zoo = open_zoo(uri)
-    bad = tmp_path / "zoo" / zoo._row("m2")["file"]
+    bad = tmp_path / "zoo" / zoo.file_of("m2")
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
     with pytest.raises(ZooError, match=r"corrupt or truncated Parquet file .*member=m2\.parquet"):
         zoo.blocks(["m2"])
@@ -161,7 +161,7 @@ def test_member_whose_write_died_is_invisible(tmp_path):
     assert sorted(zoo.members.column("member_id").to_pylist()) == ["m0", "m1"]
     assert w.done_members() == {"m0", "m1"}
     # an entry whose blocks file was deleted is not done (a resume redoes it)
-    os.remove(tmp_path / "zoo" / zoo._row("m1")["file"])
+    os.remove(tmp_path / "zoo" / zoo.file_of("m1"))
     assert w.done_members() == {"m0"}
 
 
@@ -186,7 +186,8 @@ def test_snapshot_plus_new_entries(tmp_path):
     w.write_member("m0", "t0", "rewritten", 0, [CheckpointRecord(0, make_sd(1))])
     zoo = open_zoo(uri)
     assert sorted(zoo.members.column("member_id").to_pylist()) == ["m0", "m1", "m2", "m7"]
-    assert zoo._row("m0")["condition"] == "rewritten"
+    rows = {r["member_id"]: r for r in zoo.members.to_pylist()}
+    assert rows["m0"]["condition"] == "rewritten"
     assert w.consolidate() == 2
     assert open_zoo(uri).version == 2
 
@@ -263,7 +264,7 @@ def test_unwritable_output(tmp_path):
 # ----------------------------------------------------------------------------- integrity
 def _corrupt_two(root, zoo):
     """Truncate m1's file, fill m2's with random bytes of the same size."""
-    f1, f2 = root / zoo._row("m1")["file"], root / zoo._row("m2")["file"]
+    f1, f2 = root / zoo.file_of("m1"), root / zoo.file_of("m2")
     f1.write_bytes(f1.read_bytes()[: f1.stat().st_size // 2])
     f2.write_bytes(np.random.default_rng(0).bytes(f2.stat().st_size))
 
@@ -289,8 +290,8 @@ def test_verify_names_corrupt_member_files(tmp_path, level):
     assert sorted(b.member_id for b in bad) == ["m1", "m2"]
     assert all("member=" in b.file and b.problem for b in bad)
     # a file rewritten with valid Parquet but other content: only the checksum sees it
-    f3 = tmp_path / "zoo" / zoo._row("m3")["file"]
-    f0 = tmp_path / "zoo" / zoo._row("m0")["file"]
+    f3 = tmp_path / "zoo" / zoo.file_of("m3")
+    f0 = tmp_path / "zoo" / zoo.file_of("m0")
     f3.write_bytes(f0.read_bytes())
     names = sorted(b.member_id for b in open_zoo(uri).verify(level))
     assert names == (["m1", "m2", "m3"] if level == "checksum" else ["m1", "m2"])
@@ -345,6 +346,28 @@ def test_compacted_zoo_verifies(tmp_path):
     compact_zoo(uri, target_rows=10 ** 6)
     zoo = open_zoo(uri)
     assert zoo.verify() == [] and zoo.verify("footer") == []
-    part = tmp_path / "zoo" / zoo._row("m0")["file"]
+    part = tmp_path / "zoo" / zoo.file_of("m0")
     part.write_bytes(part.read_bytes()[:-20])
     assert sorted(b.member_id for b in open_zoo(uri).verify("footer")) == ["m0", "m1", "m2", "m3"]
+
+
+def test_retokenize_writes_the_same_members_under_another_layout(tmp_path):
+    src = str(tmp_path / "zoo")
+    _, sds = write_zoo(src, n_members=3)
+    (tmp_path / "zoo" / "base").mkdir()
+    (tmp_path / "zoo" / "base" / "cache.bin").write_bytes(b"family cache")
+    (tmp_path / "zoo" / "spec.json").write_text("old")
+    zoo = open_zoo(src)
+    layout = WeightLayout.from_state_dict(make_sd(0), rule=3, block_size=4)
+    dst = str(tmp_path / "zoo-b4")
+    out = retokenize(zoo, dst, layout, files={"spec.json": b"new"})
+    assert (out.layout.block_size, out.layout.num_blocks) == (4, layout.num_blocks) != (8, zoo.layout.num_blocks)
+    assert len(out) == 3 and out.members.column("member_id").to_pylist() == zoo.members.column("member_id").to_pylist()
+    check_exact(out, sds)                                    # same weights, bit for bit
+    assert out.metrics("m2") == zoo.metrics("m2")
+    assert (tmp_path / "zoo-b4" / "base" / "cache.bin").read_bytes() == b"family cache"   # caches copied
+    assert (tmp_path / "zoo-b4" / "spec.json").read_bytes() == b"new"                     # replaced files written
+    # idempotent: a finished copy is returned as is, nothing rewritten
+    mtime = os.path.getmtime(tmp_path / "zoo-b4" / "spec.json")
+    assert len(retokenize(src, dst, layout, files={"spec.json": b"other"})) == 3
+    assert os.path.getmtime(tmp_path / "zoo-b4" / "spec.json") == mtime

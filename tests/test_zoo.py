@@ -61,7 +61,7 @@ def test_build_local_resume_and_failures(tmp_path, ray_local):
     # resume: delete two members (one entry, one blocks file) -> exactly those are redone
     victims = zoo.members.column("member_id").to_pylist()[:2]
     os.remove(tmp_path / "zoo" / "members" / f"{victims[0]}.json")
-    os.remove(tmp_path / "zoo" / zoo._row(victims[1])["file"])
+    os.remove(tmp_path / "zoo" / zoo.file_of(victims[1]))
     again = build_zoo(s)
     assert (again.done, again.skipped, again.failed) == (2, 4, 0)
     check_zoo(uri, 6)

@@ -360,10 +360,33 @@ def test_concept_member_learns_its_edit_and_reassembles(tmp_path):
         G = C.load_base_generator(s)
         G.load_state_dict(sd, strict=False)
         task = [t for t in plan_tasks(s)[0] if f"{t.task_id}-s0" == mid][0]
-        (_, _), (xva, yva) = C.task_pairs(s, task)
-        assert C._l1(G.eval(), xva * 2 - 1, yva * 2 - 1) == pytest.approx(m["val_l1"], abs=1e-6)
+        assert F.get_family("concepts").recipe(s, task).evaluate(G)["l1"] == pytest.approx(m["val_l1"], abs=1e-6)
     # the cached base generator is reused, and a different base config in the same zoo is refused
     assert C.base_generator_state(s) is C.base_generator_state(s)
     s_other = load_config(ZooSpec, CONCEPTS, _tiny_concepts(out) + ["base_epochs=5"])
     with pytest.raises(ValueError, match="base generator"):
         C.base_generator_state(s_other, store=True)
+
+
+def test_the_public_recipe_is_how_members_train():
+    """A member the family trains equals the model its public recipe trains from the member's seed and
+    hyper-parameters: the zoo builder and the evaluation fine-tune with one recipe."""
+    s = load_config(ZooSpec, TINY, ["keep_last=1"])
+    fam = F.get_family(s.family)
+    task = fam.enumerate_tasks(s)[0]
+    hp = {"lr": 0.01, "weight_decay": 1e-4, "epochs": 2}
+    (_, member, metrics), = fam.train_member(s, task, 7, hp)
+    r = fam.recipe(s, task, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    model = r.build_model(7)
+    opt = r.make_optimizer(model)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(hp["epochs"]):
+        assert r.train_epoch(model, opt, g)["steps"] > 0
+    assert all(torch.equal(member[k], v) for k, v in model.state_dict().items())
+    assert r.evaluate(model)["accuracy"] == pytest.approx(metrics["val_acc"], abs=1e-6)
+    # what the evaluation uses when not told: the centre of the zoo's ranges, the spec's optimiser
+    d = fam.recipe(s, task)
+    assert d.lr == pytest.approx(math.sqrt(s.hparams.lr[0] * s.hparams.lr[1]))
+    assert (d.optimizer, d.batch_size) == (s.optimizer, s.batch_size)
+    with pytest.raises(ValueError, match="optimizer"):
+        fam.recipe(s, task, optimizer="lion")

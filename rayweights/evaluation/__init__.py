@@ -11,6 +11,7 @@ Public API::
 """
 
 from .adapters import AdapterError, make_adapter, register_adapter
+from . import families  # noqa: F401  (registers the built-in families: dataset-subsets, partial, concepts)
 from .diagnostics import Diagnosis, diagnose
 from .memorisation import MemorisationResult, memorisation_study
 from .core import ALL_INITS, INIT_LABELS, Curve, EvalOptions, TaskResult, ZooReference, evaluate_task, score_samples

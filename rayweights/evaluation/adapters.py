@@ -2,18 +2,21 @@
 
 A family is a registered name (``register_adapter``) or a ``"package.module:factory"`` import
 string; a factory is ``factory(condition: str, zoo: Zoo, **options) -> TaskAdapter``.
-The built-in families live in :mod:`rayweights.evaluation.families` and are registered on import.
+The built-in families live in :mod:`rayweights.evaluation.families`, registered when the
+``rayweights.evaluation`` package is imported.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable, Mapping
 
 from .protocols import TaskAdapter
 from ..errors import UserError
 
-__all__ = ["register_adapter", "make_adapter", "ADAPTERS", "AdapterError", "known_families"]
+__all__ = ["register_adapter", "make_adapter", "ADAPTERS", "AdapterError", "known_families", "adapter_options",
+           "check_family_options"]
 
 ADAPTERS: dict[str, Callable[..., TaskAdapter]] = {}
 
@@ -30,21 +33,41 @@ def register_adapter(family: str):
     return deco
 
 
-def _load_builtin():
-    try:
-        from . import families  # noqa: F401  (registers the built-in families)
-    except ImportError as exc:       # a family's dependencies (e.g. rayweights.zoo) are missing
-        return exc
-    return None
-
-
 def known_families() -> list[str]:
-    _load_builtin()
     return sorted(ADAPTERS)
 
 
+def adapter_options(family: str) -> set[str] | None:
+    """The option names the factory of a registered ``family`` accepts (its keyword parameters after
+    ``condition, zoo``, or its ``options`` attribute); None when not known (``module:factory``, ``**``)."""
+    factory = ADAPTERS.get(family)
+    if factory is None:
+        return None
+    if getattr(factory, "options", None) is not None:
+        return set(factory.options)
+    params = list(inspect.signature(factory).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params[2:]}
+
+
+def check_family_options(family: str, options: Mapping[str, Any], field: str = "family_options") -> None:
+    """Unknown keys of ``options`` for ``family`` (every built-in family's when ``family`` is "", the
+    zoo's family decided later) raise ``ValueError("<field>.<key>: ...")``, before any work."""
+    if family:
+        known = adapter_options(family)
+    else:
+        per = [adapter_options(f) for f in known_families()]
+        known = None if any(k is None for k in per) else set().union(*per)
+    if known is None:
+        return
+    bad = sorted(set(options) - known)
+    if bad:
+        who = f"family {family!r}" if family else "any built-in family"
+        raise ValueError(f"{field}.{bad[0]}: unknown option for {who} (known: {', '.join(sorted(known))})")
+
+
 def make_adapter(family: str, condition: str, zoo, options: Mapping[str, Any] | None = None) -> TaskAdapter:
-    problem = _load_builtin()
     if ":" in family and family not in ADAPTERS:
         mod, _, fn = family.rpartition(":")
         try:
@@ -54,8 +77,7 @@ def make_adapter(family: str, condition: str, zoo, options: Mapping[str, Any] | 
     elif family in ADAPTERS:
         factory = ADAPTERS[family]
     else:
-        hint = f" (built-in families unavailable: {problem})" if problem else ""
-        raise AdapterError(f"family: unknown {family!r} (known: {sorted(ADAPTERS)}; or 'module:factory'){hint}")
+        raise AdapterError(f"family: unknown {family!r} (known: {sorted(ADAPTERS)}; or 'module:factory')")
     try:
         return factory(condition, zoo, **dict(options or {}))
     except TypeError as exc:

@@ -17,15 +17,23 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import ray
+import torch
+
+from .. import runtime  # runtime.ray_init at call time: tests can forbid starting Ray
 from ..blocks import LayoutError
-from ..config import ConfigError, job_argparser, job_overrides, load_config
-from ..generators import SamplingMode
-from ..sampling import SamplingError
-from ..storage import StorageError, check_writable, resolve, write_bytes_atomic
-from .adapters import AdapterError, make_adapter
-from .core import ALL_INITS, EvalOptions, TaskResult, ZooReference, evaluate_task
-from .report import write_report
+from ..config import ConfigError, check_import_allowed, job_argparser, job_overrides, load_config
 from ..errors import job_main
+from ..generators import SamplingMode
+from ..sampling import FolderSampler, SampleConfig, SamplingError, load_sampler, sample_weights
+from ..storage import StorageError, check_writable, resolve, write_bytes_atomic
+from ..table import ZooError, open_zoo
+from .adapters import AdapterError, check_family_options, make_adapter
+from .core import ALL_INITS, EvalOptions, TaskResult, ZooReference, evaluate_task, sample_blocks_raw
+from .diagnostics import zoo_weights
+from .families import read_zoo_spec
+from .memorisation import memorisation_study
+from .report import verdict_sentences, write_report
 
 __all__ = ["EvaluateConfig", "evaluate", "main", "resolve_defaults", "validate"]
 
@@ -72,14 +80,14 @@ class EvaluateConfig:
     memorisation_sigmas: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.3])
 
     def __post_init__(self):
-        from ..config import check_import_allowed
-
         if ":" in self.family:
             check_import_allowed(self.family, "family", self.allow_import)
         for name, fx in (("feature_extractor", self.feature_extractor),
                          ("family_options.feature_extractor", self.family_options.get("feature_extractor", ""))):
             if isinstance(fx, str) and fx.startswith("module:"):
                 check_import_allowed(fx, name, self.allow_import)
+        if ":" not in self.family:          # typos in the options of a built-in family fail here, at load
+            check_family_options(self.family, self.family_options)
         if self.generator and self.samples:
             raise ValueError("generator/samples: give one of them, not both")
         if self.memorisation_samples < 1:
@@ -102,11 +110,6 @@ def _family_options(cfg: EvaluateConfig) -> dict:
 
 
 def _evaluate_one(cfg: EvaluateConfig, condition: str, samples_uri: str, show_progress: bool) -> TaskResult:
-    import torch
-
-    from ..sampling import load_sampler
-    from ..table import open_zoo
-
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
     zoo = open_zoo(cfg.zoo)
@@ -119,14 +122,6 @@ def _evaluate_one(cfg: EvaluateConfig, condition: str, samples_uri: str, show_pr
 DONE_MARKER = "results.json"      # what later stages trust as "this evaluation is complete"
 def _memorisation_one(cfg: EvaluateConfig, condition: str):
     """Zeng et al.'s study on one seen task: the generator's samples vs the task's training checkpoints."""
-    import torch
-
-    from ..sampling import load_sampler
-    from ..table import open_zoo
-    from .core import sample_blocks_raw
-    from .diagnostics import zoo_weights
-    from .memorisation import memorisation_study
-
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
     zoo = open_zoo(cfg.zoo)
@@ -159,8 +154,6 @@ def _publish(local_dir: str, uri: str) -> None:
 def resolve_defaults(cfg: EvaluateConfig) -> EvaluateConfig:
     """Fill ``family`` and ``tasks`` from the zoo's ``zoo_spec.json`` (its family and held-out tasks)
     when they are not given."""
-    from ..table import ZooError, open_zoo
-
     if not cfg.zoo:
         raise ConfigError("zoo: required (the zoo URI the generator learnt from)")
     if cfg.family and cfg.tasks:
@@ -169,7 +162,6 @@ def resolve_defaults(cfg: EvaluateConfig) -> EvaluateConfig:
         zoo = open_zoo(cfg.zoo)
     except ZooError as exc:
         raise ConfigError(f"zoo: {exc}") from exc
-    from .families import read_zoo_spec
 
     try:
         spec, held_out = read_zoo_spec(zoo)
@@ -181,8 +173,6 @@ def resolve_defaults(cfg: EvaluateConfig) -> EvaluateConfig:
 
 def validate(cfg: EvaluateConfig) -> None:
     """Everything checkable before work starts (raises ConfigError naming the field)."""
-    from ..table import ZooError, open_zoo
-
     if not cfg.zoo:
         raise ConfigError("zoo: required (the zoo URI the generator learnt from)")
     if not cfg.generator and not cfg.samples:
@@ -211,7 +201,6 @@ def validate(cfg: EvaluateConfig) -> None:
     for c in cfg.memorisation_tasks:
         if c not in zoo.conditions():
             raise ConfigError(f"memorisation_tasks: {c!r} is not a condition of the zoo (a seen task)")
-    from ..sampling import FolderSampler, load_sampler
 
     try:
         if cfg.samples:
@@ -236,18 +225,13 @@ def evaluate(cfg: EvaluateConfig, address: str | None = None, show_progress: boo
              print_table: bool = True) -> dict:
     """Sample (unless ``cfg.samples``), evaluate every task, write the report; returns a summary
     ``{"tasks": {task_id: {init: {epoch0, final, ...}}}, "verdict": [...], "report": path}``."""
-    import ray
-
-    from ..runtime import ray_init
-    from ..sampling import SampleConfig, sample_weights
-
     cfg = resolve_defaults(cfg)
     validate(cfg)
     try:
         check_writable(cfg.output)
     except StorageError as exc:
         raise ConfigError(f"output: {exc}") from exc
-    ray_init(address)
+    runtime.ray_init(address)
     samples_uri = cfg.samples
     if cfg.generator:
         samples_uri = resolve(cfg.output).join("samples").uri
@@ -282,7 +266,6 @@ def evaluate(cfg: EvaluateConfig, address: str | None = None, show_progress: boo
             _publish(tmp, cfg.output)
     else:
         write_report(results, out_root.path, header, print_table, memorisation=memo)
-    from .report import verdict_sentences
 
     return {"tasks": {r.task_id: r.table for r in results}, "verdict": verdict_sentences(results),
             "samples": {r.task_id: r.samples for r in results},

@@ -4,8 +4,8 @@
   architecture with a k-way head, fine-tuned with the zoo's optimiser on the task's training split,
   accuracy on its validation split (the split the zoo members were scored on).  Default ("random")
   initialisation: the architecture's own init for the seed.
-* ``partial`` — p-diff: the task's shared base model (``rayweights.zoo.families.base_model_state``,
-  read from the zoo's cache) with only the layout's parameters trainable and BN statistics frozen,
+* ``partial`` — p-diff: the task's shared base model (the recipe's base weights, read from the
+  zoo's cache) with only the layout's parameters trainable and BN statistics frozen,
   as the members were trained.  "random" re-initialises those parameters with the architecture's
   own init; (c) "pretrained" is the base model itself.
 * ``concepts`` — Denoised Neural Weights: the zoo's base image-to-image generator with LoRA + BN
@@ -16,13 +16,15 @@
   similarity (for (c)) is the cosine of the prompts' text embeddings (the frozen text encoder), or
   word overlap with ``similarity: tokens``.
 
-All read the zoo's ``zoo_spec.json`` (written by ``build-zoo``) to rebuild exactly the members'
-architecture, data and optimiser.
+All read the zoo's ``zoo_spec.json`` (written by ``build-zoo``) and train with the zoo family's own
+recipe (``rayweights.zoo.families.get_family(...).recipe``: model, base weights, optimiser, split,
+epoch, metric), the one its members were trained with; hyper-parameters not given in
+``family_options`` are the centre of the zoo's ranges.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import math
 import shutil
 import tempfile
@@ -33,32 +35,28 @@ import torch
 from torch import nn
 
 from ..blocks import WeightLayout
-from ..storage import read_bytes
+from ..conditioning import TextEncoder
+from ..config import ConfigError
+from ..zoo.families import get_family
+from ..zoo.spec import read_zoo_spec as _read_spec
 from .adapters import AdapterError, register_adapter
+from .fid import build_feature_extractor, compute_fid, save_images
+from .metrics import l1_error
 from .protocols import BaseTaskAdapter, token_similarity
 
 __all__ = ["SubsetTaskAdapter", "ConceptTaskAdapter", "read_zoo_spec", "position_similarity"]
 
 
 def read_zoo_spec(zoo) -> tuple[Any, list[str]]:
-    """(ZooSpec, held-out conditions) from ``<zoo>/zoo_spec.json``."""
-    from ..config import ConfigError, from_dict
-    from ..zoo.spec import ZooSpec
-
+    """(ZooSpec, held-out conditions) from ``<zoo>/zoo_spec.json`` (AdapterError when missing or bad)."""
     loc = zoo.root.join("zoo_spec.json")
     try:
-        d = json.loads(read_bytes(loc))
-    except FileNotFoundError:
-        raise AdapterError(f"zoo: {loc.describe()} is missing (zoos written by build-zoo carry their spec)") from None
-    try:
-        spec = from_dict(ZooSpec, d["spec"])
-    except (ConfigError, KeyError) as exc:
+        spec, held_out = _read_spec(zoo.uri)
+    except (ConfigError, KeyError, ValueError) as exc:
         raise AdapterError(f"zoo: {loc.describe()}: {exc}") from exc
-    if not spec.output:                      # caches (base models, pairs) live in the zoo
-        import dataclasses
-
-        spec = dataclasses.replace(spec, output=zoo.uri)
-    return spec, list(d.get("held_out", []))
+    if spec is None:
+        raise AdapterError(f"zoo: {loc.describe()} is missing (zoos written by build-zoo carry their spec)")
+    return spec, held_out
 
 
 def position_similarity(a: tuple[int, ...], b: tuple[int, ...]) -> float:
@@ -71,10 +69,26 @@ def position_similarity(a: tuple[int, ...], b: tuple[int, ...]) -> float:
     return 0.5 * same + 0.5 * jac
 
 
-def _zoo_modules():
-    from ..zoo import architectures, families
+def _recipe(spec, condition: str, what: str = "", **hparams):
+    """The zoo family's task and training recipe for ``condition`` (AdapterError naming the option)."""
+    family = get_family(spec.family)
+    try:
+        task = family.task_from_condition(spec, condition)
+    except (ValueError, IndexError) as exc:
+        raise AdapterError(f"task {condition!r}: {what}{exc}") from exc
+    try:
+        return family.recipe(spec, task, **hparams)
+    except ValueError as exc:                       # a bad option ("optimizer: ...") or the task's data
+        key = str(exc).split(":", 1)[0]
+        raise AdapterError(f"family_options.{exc}" if key in hparams else f"task {condition!r}: {exc}") from exc
 
-    return architectures, families
+
+def _check_layout(recipe, layout: WeightLayout, spec) -> None:
+    with torch.random.fork_rng(devices=[]):          # a throw-away model: leave the global RNG as it was
+        names = set(recipe.build_model(0).state_dict())
+    missing = set(layout.param_names) - names
+    if missing:
+        raise AdapterError(f"zoo layout parameter {sorted(missing)[0]} is not in architecture {spec.architecture}")
 
 
 # ----------------------------------------------------------------------------- classifiers
@@ -85,67 +99,43 @@ class SubsetTaskAdapter(BaseTaskAdapter):
     def __init__(self, spec, layout: WeightLayout, condition: str, lr: float | None = None,
                  weight_decay: float | None = None, optimizer: str | None = None, batch_size: int | None = None,
                  partial: bool = False):
-        architectures, families = _zoo_modules()
-        try:
-            self.task = families.task_from_condition(condition)
-        except (ValueError, IndexError) as exc:
-            raise AdapterError(f"task {condition!r}: not a '<dataset>:<class>,<class>,...' condition ({exc})") from exc
+        self.recipe = _recipe(spec, condition, "not a '<dataset>:<class>,<class>,...' condition: ", lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+                              batch_size=batch_size)
+        self.task = self.recipe.task
         if len(self.task.classes) != spec.classes_per_task:
             raise AdapterError(f"task {condition!r}: {len(self.task.classes)} classes, the zoo's tasks have "
                                f"{spec.classes_per_task}")
         self.spec, self.layout, self.condition, self.task_id = spec, layout, condition, self.task.task_id
         self.partial = partial
-        lo, hi = spec.hparams.lr
-        self.lr = float(lr) if lr is not None else math.sqrt(lo * hi)
-        self.weight_decay = float(weight_decay) if weight_decay is not None else math.sqrt(
-            max(spec.hparams.weight_decay[0], 1e-12) * max(spec.hparams.weight_decay[1], 1e-12))
-        self.optimizer = optimizer or spec.optimizer
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise AdapterError(f"family_options.optimizer: {self.optimizer!r} is not sgd, adam or adamw")
-        self.batch_size = int(batch_size or spec.batch_size)
-        (Xtr, ytr), (Xva, yva) = families.task_data(spec, self.task)
-        self.split = {"train": (Xtr, ytr), "test": (Xva, yva)}
-        self._arch = lambda: architectures.build(spec.architecture, tuple(Xtr.shape[1:]), len(self.task.classes),
-                                                 **spec.arch_options)
-        self._families = families
-        missing = set(layout.param_names) - set(self._arch().state_dict())
-        if missing:
-            raise AdapterError(f"zoo layout parameter {sorted(missing)[0]} is not in architecture {spec.architecture}")
+        self.lr, self.weight_decay = self.recipe.lr, self.recipe.weight_decay
+        self.optimizer, self.batch_size = self.recipe.optimizer, self.recipe.batch_size
+        self.split = self.recipe.split
+        _check_layout(self.recipe, layout, spec)
 
     # -- model -----------------------------------------------------------------------------
     def build_model(self, seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        model = self._arch()
+        model = self.recipe.build_model(seed)
         if self.partial:
             fresh = {n: v.clone() for n, v in model.state_dict().items() if n in set(self.layout.param_names)}
-            model.load_state_dict(self._families.base_model_state(self.spec, self.task))
+            model.load_state_dict(self.recipe.base_state_dict())
             model.load_state_dict(fresh, strict=False)        # the generated part starts from the arch's own init
         return model
 
     def pretrained_state_dict(self) -> dict | None:
         if not self.partial:
             return None
-        base = self._families.base_model_state(self.spec, self.task)
+        base = self.recipe.base_state_dict()
         return {n: base[n].clone() for n in self.layout.param_names}
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        names = set(self.layout.param_names)
-        for n, p in model.named_parameters():
-            p.requires_grad_(not self.partial or n in names)
-        params = [p for p in model.parameters() if p.requires_grad]
-        return self._families.make_optimizer(self.optimizer, params, self.lr, self.weight_decay)
+        return self.recipe.make_optimizer(model, self.layout.param_names if self.partial else None)
 
     def train_epoch(self, model, optimizer, epoch, seed):
-        X, y = self.split["train"]
         g = torch.Generator().manual_seed(seed * 10_007 + epoch)
-        steps = self._families.train_epoch(model, optimizer, X, y, self.batch_size, g,   # the zoo's own loop
-                                           freeze_norm_stats=self.partial)
-        return {"steps": steps}
+        return {"steps": self.recipe.train_epoch(model, optimizer, g)["steps"]}     # the zoo's own loop
 
     def evaluate(self, model, split="test"):
-        X, y = self.split[split]
-        m = self._families.evaluate(model, X, y)
-        return {"accuracy": m["acc"], "loss": m["loss"]}
+        return self.recipe.evaluate(model, split)
 
     @torch.no_grad()
     def predictions(self, model, split="test") -> np.ndarray:
@@ -156,24 +146,16 @@ class SubsetTaskAdapter(BaseTaskAdapter):
         return self.split[split][1].numpy()
 
     def similarity(self, condition: str) -> float:
-        try:
-            other = self._families.task_from_condition(condition)
-        except (ValueError, IndexError):
-            return 0.0
         if condition.split(":", 1)[0] != self.condition.split(":", 1)[0]:
+            return 0.0
+        try:
+            other = get_family(self.spec.family).task_from_condition(self.spec, condition)
+        except (ValueError, IndexError):
             return 0.0
         return position_similarity(self.task.classes, other.classes)
 
 
 # ----------------------------------------------------------------------------- image translation
-class _GANState:
-    """What ``make_optimizer`` hands to ``train_epoch`` for eq. 4: G's optimiser and a fresh
-    conditional PatchGAN with its own (the evaluation core treats it as an opaque optimiser)."""
-
-    def __init__(self, opt_g, disc, opt_d, gen: torch.Generator):
-        self.opt_g, self.disc, self.opt_d, self.gen = opt_g, disc, opt_d, gen
-
-
 _TEXT_ENCODERS: dict = {}
 
 
@@ -185,96 +167,37 @@ class ConceptTaskAdapter(BaseTaskAdapter):
                  weight_decay: float | None = None, batch_size: int | None = None, metric: str = "l1",
                  fid: bool = True, feature_extractor: str = "small:16", similarity: str = "embedding",
                  text_encoder: str | None = None):
-        architectures, families = _zoo_modules()
-        from ..zoo.families import concepts as C
-
-        self.C, self._arch_mod = C, architectures
-        try:
-            self.task = C.Concepts().task_from_condition(spec, condition)
-        except ValueError as exc:
-            raise AdapterError(f"task {condition!r}: {exc}") from exc
         if metric not in ("l1", "fid"):
             raise AdapterError(f"family_options.metric: {metric!r} is not l1 or fid")
         if metric == "fid" and not fid:
             raise AdapterError("family_options: metric fid needs fid: true")
         if similarity not in ("embedding", "tokens"):
             raise AdapterError(f"family_options.similarity: {similarity!r} is not embedding or tokens")
+        self.recipe = _recipe(spec, condition, lr=lr, weight_decay=weight_decay, batch_size=batch_size)
+        self.task = self.recipe.task
         self.spec, self.layout, self.condition, self.task_id = spec, layout, condition, self.task.task_id
         self.metric, self.fid, self.feature_extractor = metric, bool(fid), feature_extractor
         self.similarity_kind, self.text_encoder_name = similarity, text_encoder
-        lo, hi = spec.hparams.lr
-        self.lr = float(lr) if lr is not None else math.sqrt(lo * hi)
-        self.weight_decay = float(weight_decay) if weight_decay is not None else spec.hparams.weight_decay[0]
-        self.batch_size = int(batch_size or spec.batch_size)
-        (xtr, ytr), (xva, yva) = C.task_pairs(spec, self.task)
-        self.split = {"train": (xtr * 2 - 1, ytr * 2 - 1), "test": (xva * 2 - 1, yva * 2 - 1)}
-        self.in_shape = (3, spec.concepts.image_size, spec.concepts.image_size)
+        self.lr, self.weight_decay, self.batch_size = self.recipe.lr, self.recipe.weight_decay, self.recipe.batch_size
+        self.split = self.recipe.split
         self._extractor = None
         self._fid_ref: dict[str, str] = {}
         if self.fid:
-            from .fid import build_feature_extractor
-
             self._extractor = build_feature_extractor(feature_extractor)     # checked now: bad spec = early error
-        missing = set(layout.param_names) - set(self._build().state_dict())
-        if missing:
-            raise AdapterError(f"zoo layout parameter {sorted(missing)[0]} is not in architecture {spec.architecture}")
-
-    def _build(self):
-        return self._arch_mod.build(self.spec.architecture, self.in_shape, 3, **self.spec.arch_options)
+        _check_layout(self.recipe, layout, spec)
 
     def build_model(self, seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        G = self._build()                     # fresh LoRA for this seed: down random, up zero
-        base = self.C.base_generator_state(self.spec)
-        G.load_state_dict({k: v for k, v in base.items() if ".lora_" not in f".{k}"}, strict=False)
+        G = self.recipe.build_model(seed)            # fresh LoRA for this seed: down random, up zero
+        G.load_state_dict(self.recipe.base_state_dict(), strict=False)
         return G
 
     def make_optimizer(self, model):
-        from ..zoo.families import make_optimizer
+        return self.recipe.make_optimizer(model, self.layout.param_names)
 
-        names = set(self.layout.param_names)
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in names)
-        params = [p for p in model.parameters() if p.requires_grad]
-        co = self.spec.concepts
-        opt_g = make_optimizer(self.spec.optimizer, params, self.lr, self.weight_decay, betas=(0.5, 0.999))
-        disc = self._arch_mod.build("patchgan", (6, co.image_size, co.image_size), 1, **co.discriminator)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=self.lr, betas=(0.5, 0.999))
-        return _GANState(opt_g, disc, opt_d, torch.Generator())
-
-    def train_epoch(self, model, state: _GANState, epoch, seed):
+    def train_epoch(self, model, state, epoch, seed):
         """One epoch of eq. 4 (the zoo members' objective): D step, then G step on lambda*L1 + GAN."""
-        from ..zoo.families import freeze_batchnorm
-
-        xtr, ytr = self.split["train"]
-        g = state.gen.manual_seed(seed * 10_007 + epoch)
-        model.train()
-        freeze_batchnorm(model)
-        state.disc.train()
-        bce = nn.BCEWithLogitsLoss()
-        perm = torch.randperm(len(xtr), generator=g)
-        total, steps = 0.0, 0
-        for i in range(0, len(xtr), self.batch_size):
-            idx = perm[i:i + self.batch_size]
-            if len(idx) < 2:
-                continue
-            x, y = xtr[idx], ytr[idx]
-            z = torch.randn(len(x), model.noise_channels, *x.shape[2:], generator=g)
-            fake = model(x, z)
-            d_real, d_fake = state.disc(x, y), state.disc(x, fake.detach())
-            loss_d = 0.5 * (bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake)))
-            state.opt_d.zero_grad()
-            loss_d.backward()
-            state.opt_d.step()
-            d_fake = state.disc(x, fake)
-            l1 = (fake - y).abs().mean()
-            loss_g = self.spec.concepts.lambda_l1 * l1 + bce(d_fake, torch.ones_like(d_fake))
-            state.opt_g.zero_grad()
-            loss_g.backward()
-            state.opt_g.step()
-            total += float(l1.detach()) / 2
-            steps += 1
-        return {"train_l1": total / max(steps, 1)}
+        g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+        return {"train_l1": self.recipe.train_epoch(model, state, g)["train_l1"]}
 
     @torch.no_grad()
     def translate(self, model, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,8 +209,6 @@ class ConceptTaskAdapter(BaseTaskAdapter):
         return model(x, z), y
 
     def _fid(self, out: torch.Tensor, split: str) -> float:
-        from .fid import compute_fid, save_images
-
         if split not in self._fid_ref:
             d = tempfile.mkdtemp(prefix=f"rw-fid-ref-{split}-")
             save_images(self.split[split][1], d)
@@ -300,8 +221,6 @@ class ConceptTaskAdapter(BaseTaskAdapter):
             shutil.rmtree(d, ignore_errors=True)
 
     def evaluate(self, model, split="test"):
-        from .metrics import l1_error
-
         out, y = self.translate(model, split)
         l1 = l1_error(out, y) / 2                              # [-1, 1] -> [0, 1] pixel units
         mse = float((((out - y) / 2) ** 2).mean())
@@ -317,8 +236,6 @@ class ConceptTaskAdapter(BaseTaskAdapter):
     def similarity(self, condition: str) -> float:
         if self.similarity_kind == "tokens":
             return token_similarity(self.condition, condition)
-        from ..conditioning import TextEncoder
-
         key = self.text_encoder_name or ""
         if key not in _TEXT_ENCODERS:
             _TEXT_ENCODERS[key] = (TextEncoder(self.text_encoder_name), {})
@@ -352,6 +269,8 @@ def _concepts_factory(condition: str, zoo, **options) -> ConceptTaskAdapter:
     return ConceptTaskAdapter(spec, zoo.layout, condition, **options)
 
 
+# the options of the concepts family are the adapter's keywords (the factory passes them through)
+_concepts_factory.options = tuple(list(inspect.signature(ConceptTaskAdapter).parameters)[3:])
 register_adapter("dataset-subsets")(_subset_factory(False))
 register_adapter("partial")(_subset_factory(True))
 register_adapter("concepts")(_concepts_factory)

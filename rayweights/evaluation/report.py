@@ -19,7 +19,7 @@ from ..fmt import cell as _f
 from .core import INIT_LABELS, TaskResult
 
 __all__ = ["render_markdown", "verdict_sentences", "plot_curves", "plot_mean_curves", "write_report",
-           "memorisation_markdown"]
+           "memorisation_markdown", "comparison_table", "summary_metrics"]
 
 
 def _slug(s: str) -> str:
@@ -244,3 +244,64 @@ def write_report(results: Sequence[TaskResult], out_dir: str, header: Mapping[st
     if print_table:
         print(md)
     return md
+
+
+# ----------------------------------------------------------------------------- summaries of results.json
+def _mean(values) -> float:
+    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(v) / len(v) if v else math.nan
+
+
+def summary_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Sweep metrics from an evaluation's ``results.json``: ``gen_<metric>`` = mean over tasks of
+    the average epoch-0 metric of the N generated samples (no fine-tuning), plus best/median,
+    the epoch-0 and final values of every initialisation and seconds per sample."""
+    tasks = results.get("tasks") or []
+    if not tasks:
+        return {}
+    metric = tasks[0]["metric"]
+    gen = [t["samples"]["generated"] for t in tasks]
+    out: dict[str, Any] = {
+        "metric": metric,
+        f"gen_{metric}": _mean(g.get("avg") for g in gen),
+        f"gen_{metric}_best": _mean(g.get("best") for g in gen),
+        f"gen_{metric}_median": _mean(g.get("median") for g in gen),
+        "num_tasks": len(tasks),
+    }
+    for init in ("random", "generated", "nearest_noise", "soup", "pretrained", "best_of_n"):
+        rows = [t["table"][init] for t in tasks if init in t["table"]]
+        if rows:
+            out[f"{init}_{metric}_epoch0"] = _mean(r.get("epoch0") for r in rows)
+            out[f"{init}_{metric}_final"] = _mean(r.get("final") for r in rows)
+    secs = [t["table"]["generated"].get("init_seconds") for t in tasks if "generated" in t["table"]]
+    if secs:
+        out["sample_seconds"] = _mean(secs)
+    return out
+
+
+def comparison_table(results: Mapping[str, Any]) -> str:
+    """The comparison of initialisations of an evaluation's ``results.json``, averaged over its
+    held-out tasks: metric at epoch 0 and after the last epoch, the speed-up to random's final
+    value, and the generated samples without fine-tuning (markdown)."""
+    tasks = results.get("tasks") or []
+    if not tasks:
+        return "(no evaluated tasks)"
+    metric, E = tasks[0]["metric"], tasks[0]["epochs"]
+    lines = [f"Mean over {len(tasks)} held-out task(s) ({', '.join(t['condition'] for t in tasks)}): "
+             f"{metric} before fine-tuning (epoch 0) and after {E} epoch(s)",
+             "", f"| initialisation | {metric} epoch 0 | {metric} epoch {E} | speed-up to random's final (epochs) |",
+             "|---|---:|---:|---:|"]
+    for init, label in INIT_LABELS.items():
+        rows = [t["table"][init] for t in tasks if init in t["table"]]
+        if not rows:
+            continue
+        sp = [r.get("speedup_epochs") for r in rows if r.get("speedup_epochs") is not None]
+        lines.append(f"| {label} | {_f(_mean(r.get('epoch0') for r in rows))} | "
+                     f"{_f(_mean(r.get('final') for r in rows))} | {_f(_mean(sp) if sp else None, 2)} |")
+    gen = [t["samples"]["generated"] for t in tasks]
+    lines += ["", f"Generated samples without fine-tuning (N = {gen[0].get('n')} per task): "
+                  f"best {_f(_mean(g.get('best') for g in gen))}, avg {_f(_mean(g.get('avg') for g in gen))}, "
+                  f"median {_f(_mean(g.get('median') for g in gen))}"]
+    for v in results.get("verdict") or []:
+        lines.append(f"- {v}")
+    return "\n".join(lines)

@@ -6,9 +6,9 @@ Public API::
 
     from rayweights.learngene import (LayerType, match_layer_types, extract, Learngene, Gene,
         init_from_learngene, build_model, sigma_phase_parameters, materialize, collect_learngene,
-        map_depth, Family, register_family, get_family, FAMILIES, LearngeneError)
+        map_depth, ModelFamily, register_model_family, get_model_family, MODEL_FAMILIES, LearngeneError)
     from rayweights.learngene.spec import LearngeneConfig
-    from rayweights.learngene.experiment import prepare, run_learngene
+    from rayweights.learngene.experiment import plan_learngene, run_learngene
     from rayweights.learngene.cli import main
 
 Typical use on any ``nn.Module``::
@@ -26,9 +26,10 @@ from .build import (DEPTH_MODES, EXTEND_MODES, FactorizedWeight, InitReport, bui
                     init_from_learngene, map_depth, materialize, norm_parameters, sigma_phase_parameters)
 from .factor import MODES, Gene, Learngene, decompose, extract
 from .layers import LayerMatch, LayerType, LearngeneError, match_layer_types
-from .models import FAMILIES, Family, get_family, register_family
+from . import generator  # noqa: F401  (registers the block_unet1d model family)
+from .models import MODEL_FAMILIES, ModelFamily, get_model_family, register_model_family
 
 __all__ = ["LayerType", "LayerMatch", "match_layer_types", "LearngeneError", "extract", "decompose", "Learngene",
            "Gene", "MODES", "init_from_learngene", "build_model", "sigma_phase_parameters", "materialize",
            "collect_learngene", "map_depth", "norm_parameters", "FactorizedWeight", "InitReport", "DEPTH_MODES",
-           "EXTEND_MODES", "Family", "register_family", "get_family", "FAMILIES"]
+           "EXTEND_MODES", "ModelFamily", "register_model_family", "get_model_family", "MODEL_FAMILIES"]

@@ -15,7 +15,7 @@ from typing import Sequence
 from ..config import ConfigError, job_argparser, job_overrides, load_config
 from ..errors import job_main
 from ..storage import check_writable
-from .experiment import prepare, run_learngene
+from .experiment import plan_learngene, run_learngene
 from .report import format_table
 from .spec import LearngeneConfig
 
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.parallel = False
     if not cfg.output:
         raise ConfigError("output: give --output or output: in the config")
-    plan = prepare(cfg)
+    plan = plan_learngene(cfg)
     check_writable(cfg.output)
     summary = run_learngene(plan, cfg.output, address=a.address, progress=not a.quiet)
     print(format_table(summary))

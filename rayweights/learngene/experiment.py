@@ -12,29 +12,37 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import ray
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import from_dict, to_dict
+from ..runtime import ray_init
+from ..storage import exists, join, read_bytes, resolve, write_bytes_atomic
 from .build import collect_learngene, init_from_learngene, materialize, sigma_phase_parameters
 from .factor import Learngene, extract
 from .layers import LearngeneError, match_layer_types
-from .models import Family, get_family, import_constructor
+from .models import ModelFamily, get_model_family, import_constructor
+from .report import plot_curves, render_markdown
 from .spec import LearngeneConfig, SizeSpec
-from .tasks import Task, make_task, train_steps
+from .tasks import LearngeneTask, make_task, train_steps
 
-__all__ = ["Plan", "prepare", "run_learngene", "run_source", "run_target", "summarize", "resolve_family"]
+__all__ = ["LearngenePlan", "plan_learngene", "run_learngene", "run_source", "run_target", "summarize", "resolve_model_family"]
 
 
-def resolve_family(cfg: LearngeneConfig) -> Family:
+def resolve_model_family(cfg: LearngeneConfig) -> ModelFamily:
     """The registered family with the config's overrides, or a custom constructor's family."""
-    base = get_family(cfg.family) if cfg.family else None
+    base = get_model_family(cfg.family) if cfg.family else None
     if cfg.constructor:
         build = import_constructor(cfg.constructor)
-        return Family(cfg.constructor, cfg.task.kind or base.task, list(cfg.layer_types) or base.layer_types, build,
+        return ModelFamily(cfg.constructor, cfg.task.kind or base.task, list(cfg.layer_types) or base.layer_types, build,
                       dict(cfg.family_options), f"custom constructor {cfg.constructor}",
                       base.unwrap if base else None)
     return dataclasses.replace(base, task=cfg.task.kind or base.task,
@@ -42,7 +50,7 @@ def resolve_family(cfg: LearngeneConfig) -> Family:
                                defaults={**base.defaults, **cfg.family_options})
 
 
-def build_task(cfg: LearngeneConfig, family: Family) -> Task:
+def build_task(cfg: LearngeneConfig, family: ModelFamily) -> LearngeneTask:
     opts = dict(cfg.task.options)
     opts.setdefault("batch_size", cfg.train.batch_size)
     try:
@@ -64,19 +72,19 @@ def _num_params(model: nn.Module) -> int:
 
 
 @dataclass
-class Plan:
+class LearngenePlan:
     """Everything checked before any training: family, task, every size builds and runs a batch,
     layer types match the source and are compatible with each target."""
 
     cfg: LearngeneConfig
-    family: Family
+    family: ModelFamily
     metric: str
     higher_is_better: bool
     params: dict[str, int]
 
 
-def prepare(cfg: LearngeneConfig) -> Plan:
-    family = resolve_family(cfg)
+def plan_learngene(cfg: LearngeneConfig) -> LearngenePlan:
+    family = resolve_model_family(cfg)
     task = build_task(cfg, family)
     sizes = [SizeSpec("source", cfg.source.size), *cfg.targets]
     batch = next(task.batches(1.0, 0))
@@ -111,11 +119,9 @@ def prepare(cfg: LearngeneConfig) -> Plan:
                 raise LearngeneError(f"{where}: layer type {name!r} has {len(mt.out_split)}/{len(mt.in_split)} "
                                      f"out/in segments, the source {len(src.out_split)}/{len(src.in_split)}")
     if cfg.source.weights:
-        from ..storage import exists, resolve
-
         if not exists(resolve(cfg.source.weights)):
             raise LearngeneError(f"source.weights: {cfg.source.weights} not found")
-    return Plan(cfg, family, task.metric, task.higher_is_better, params)
+    return LearngenePlan(cfg, family, task.metric, task.higher_is_better, params)
 
 
 def _curve(points) -> list[dict]:
@@ -125,23 +131,19 @@ def _curve(points) -> list[dict]:
 def _setup_worker(cfg: LearngeneConfig):
     threads = max(1, int(cfg.resources.num_cpus))
     torch.set_num_threads(threads)
-    family = resolve_family(cfg)
+    family = resolve_model_family(cfg)
     return family, build_task(cfg, family), _device(cfg.device)
 
 
 def run_source(cfg_dict: dict) -> dict:
     """Pretrain (or load) the source and extract its learngene (+ optional learngene learning)."""
-    from safetensors.torch import load
-
-    from ..storage import read_bytes, resolve
-
     cfg = from_dict(LearngeneConfig, cfg_dict)
     family, task, device = _setup_worker(cfg)
     torch.manual_seed(cfg.seeds[0])
     model = family.construct(cfg.source.size)
     curve = []
     if cfg.source.weights:
-        sd = load(read_bytes(resolve(cfg.source.weights)))
+        sd = st_load(read_bytes(resolve(cfg.source.weights)))
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise LearngeneError(f"source.weights: {cfg.source.weights} does not fit the source size "
@@ -172,7 +174,7 @@ def run_source(cfg_dict: dict) -> dict:
             "params": _num_params(family.construct(cfg.source.size))}
 
 
-def _export_state(family: Family, model: nn.Module) -> dict:
+def _export_state(family: ModelFamily, model: nn.Module) -> dict:
     inner = family.unwrap(model) if family.unwrap else model
     cfg = getattr(inner, "config", None)
     config = dict(cfg) if isinstance(cfg, dict) else None
@@ -233,7 +235,7 @@ def _at(steps: list[int], vals: list[float], step: int) -> float | None:
     return vals[steps.index(step)] if step in steps else None
 
 
-def summarize(plan: Plan, source: dict, runs: Sequence[dict], learngene: Learngene) -> dict:
+def summarize(plan: LearngenePlan, source: dict, runs: Sequence[dict], learngene: Learngene) -> dict:
     cfg, metric, higher = plan.cfg, plan.metric, plan.higher_is_better
     sign = 1 if higher else -1
     sizes = []
@@ -298,31 +300,24 @@ def summarize(plan: Plan, source: dict, runs: Sequence[dict], learngene: Learnge
 
 
 # ---------------------------------------------------------------------------------------------
-def _write_outputs(plan: Plan, out_uri: str, summary: dict, exports: dict[str, dict], source_state: dict) -> dict:
-    import tempfile
-
-    from safetensors.torch import save
-
-    from ..storage import join, resolve, write_bytes_atomic
-    from .report import plot_curves, render_markdown
-
+def _write_outputs(plan: LearngenePlan, out_uri: str, summary: dict, exports: dict[str, dict], source_state: dict) -> dict:
     files = {}
 
     def put(rel: str, data: bytes):
         write_bytes_atomic(resolve(join(out_uri, rel)), data)
         files[rel] = join(out_uri, rel)
 
-    put("source/model.safetensors", save({k: v.contiguous() for k, v in source_state.items()},
+    put("source/model.safetensors", st_save({k: v.contiguous() for k, v in source_state.items()},
                                          metadata={"size": json.dumps(plan.cfg.source.size)}))
     for name, ex in exports.items():
         sd = ex["state_dict"]
         if ex["config"] is not None:   # a diffusers model: save_pretrained layout (from_pretrained loads it)
-            put(f"inits/{name}/diffusion_pytorch_model.safetensors", save(sd))
+            put(f"inits/{name}/diffusion_pytorch_model.safetensors", st_save(sd))
             cfgd = {"_class_name": ex["class_name"], **{k: v for k, v in ex["config"].items()
                                                          if not k.startswith("_")}}
             put(f"inits/{name}/config.json", json.dumps(cfgd, indent=2).encode())
         else:
-            put(f"inits/{name}/model.safetensors", save(sd, metadata={"size": json.dumps(
+            put(f"inits/{name}/model.safetensors", st_save(sd, metadata={"size": json.dumps(
                 next(t.size for t in plan.cfg.targets if t.name == name))}))
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_curves(summary, os.path.join(tmp, "curves.png"))
@@ -336,20 +331,14 @@ def _write_outputs(plan: Plan, out_uri: str, summary: dict, exports: dict[str, d
     return summary
 
 
-def run_learngene(plan: Plan, output: str, address: str | None = None, progress: bool = True) -> dict:
+def run_learngene(plan: LearngenePlan, output: str, address: str | None = None, progress: bool = True) -> dict:
     """Run the whole comparison for a prepared plan; writes the learngene, per-size FINE inits,
     ``results.json``, ``report.md`` and ``curves.png`` under ``output``; returns the summary."""
-    from tqdm.auto import tqdm
-
     cfg = plan.cfg
     cfg_dict = to_dict(cfg)
     jobs = [(to_dict(t), m, s) for t in cfg.targets for m in cfg.methods for s in cfg.seeds]
     first_fine = "fine" if "fine" in cfg.methods else None
     if cfg.parallel:
-        import ray
-
-        from ..runtime import ray_init
-
         ray_init(address)
         opts = {"num_cpus": cfg.resources.num_cpus, "num_gpus": cfg.resources.num_gpus, "max_retries": 0}
         src_fn = ray.remote(**opts)(run_source)
@@ -371,8 +360,6 @@ def run_learngene(plan: Plan, output: str, address: str | None = None, progress:
                            export=cfg.export_inits and m == first_fine and s == cfg.seeds[0])
                 for t, m, s in tqdm(jobs, desc=f"learngene {cfg.name}", disable=not progress)]
     lg: Learngene = source["learngene"]
-    from ..storage import join
-
     lg.save(join(output, "learngene"))
     summary = summarize(plan, source, runs, lg)
     exports = {r["size"]: r.pop("export") for r in runs if "export" in r}

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
+from ..generators import BlockUNet1D, get_preset
+from ..generators.layers import Downsample1D, ResBlock1D, Transformer1D, Upsample1D
+
 from .layers import LayerType
-from .models import Family, register_family
+from .models import ModelFamily, register_model_family
 
 __all__ = ["BlockUNetDenoiser", "block_unet_layer_types", "build_block_unet"]
 
@@ -40,16 +44,12 @@ class BlockUNetDenoiser(nn.Module):
         self.unet = unet
 
     def forward(self, x, t, index=None):
-        import torch
-
         if index is None:
             index = torch.zeros(len(x), dtype=torch.long, device=x.device)
         return self.unet(x, t, index, None)
 
 
 def build_block_unet(preset: str = "tiny", block_size: int = 64, **overrides) -> BlockUNetDenoiser:
-    from ..generators import BlockUNet1D, get_preset
-
     cfg = get_preset("denoised_weights", preset)["denoiser"]
     cfg.update(overrides)
     cfg.update(block_size=block_size, cross_attention_dim=None)
@@ -71,8 +71,6 @@ def _type(name: str, prefix: str, blocks: list[int], suffix: str, **chunks) -> L
 
 def block_unet_layer_types(model: nn.Module) -> list[LayerType]:
     """Layer types of a (wrapped) BlockUNet1D, named by level / role (see the module docstring)."""
-    from ..generators.layers import Downsample1D, ResBlock1D, Transformer1D, Upsample1D
-
     unet = model.unet if isinstance(model, BlockUNetDenoiser) else model
     root = "unet." if isinstance(model, BlockUNetDenoiser) else ""
     params = dict(unet.named_parameters())
@@ -137,6 +135,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.unet if isinstance(model, BlockUNetDenoiser) else model
 
 
-register_family(Family("block_unet1d", "denoise1d", block_unet_layer_types, build_block_unet, unwrap=_unwrap,
+register_model_family(ModelFamily("block_unet1d", "denoise1d", block_unet_layer_types, build_block_unet, unwrap=_unwrap,
                        description="the Denoised-Weights generator BlockUNet1D; size: preset + block_channels, "
                                    "layers_per_block (same number of levels)"))

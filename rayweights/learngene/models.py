@@ -1,6 +1,6 @@
 """Model families: a constructor of variable size, its layer types, and the task it is trained on.
 
-A :class:`Family` is the "small adapter table" that makes learngenes work on a network: which
+A :class:`ModelFamily` is the "small adapter table" that makes learngenes work on a network: which
 parameters are which layer type (regexes with a block-index group) and how to build a model of a
 given size (``build(**size)``).  Built in:
 
@@ -10,31 +10,32 @@ given size (``build(**size)``).  Built in:
   projection, then attention) for ``(x [B, C, T], t [B]) -> eps``; size ``channels``, ``depth``.
 * ``zoo_resnet_small``: the zoo's ``resnet_small`` (rayweights.zoo architectures) on digits; size
   ``width``, ``blocks``.
-* ``block_unet1d``: the generator BlockUNet1D, registered by :mod:`.generator` when
-  ``rayweights.generators`` is importable.
+* ``block_unet1d``: the generator BlockUNet1D, registered by :mod:`.generator` (imported with the
+  ``rayweights.learngene`` package).
 
-Users add their own with :func:`register_family` (Python) or give ``layer_types`` plus
+Users add their own with :func:`register_model_family` (Python) or give ``layer_types`` plus
 ``constructor: "package.module:function"`` in a job config.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
+from ..zoo import architectures
 from .layers import LayerType, LearngeneError
 
-__all__ = ["Family", "FAMILIES", "register_family", "get_family", "DigitsTransformer", "Denoiser1D",
+__all__ = ["ModelFamily", "MODEL_FAMILIES", "register_model_family", "get_model_family", "DigitsTransformer", "Denoiser1D",
            "import_constructor"]
 
 
 @dataclass
-class Family:
+class ModelFamily:
     """``layer_types`` is a list (the same regexes for every size) or a function of the built model
     (for architectures whose repeated layers change shape with position, e.g. a UNet's up path:
     the type *names* are what must agree between sizes, the patterns may differ)."""
@@ -58,20 +59,18 @@ class Family:
             raise LearngeneError(f"family {self.name!r}: cannot build size {size}: {exc}") from None
 
 
-FAMILIES: dict[str, Family] = {}
+MODEL_FAMILIES: dict[str, ModelFamily] = {}
 
 
-def register_family(family: Family) -> Family:
-    FAMILIES[family.name] = family
+def register_model_family(family: ModelFamily) -> ModelFamily:
+    MODEL_FAMILIES[family.name] = family
     return family
 
 
-def get_family(name: str) -> Family:
-    if name == "block_unet1d" and name not in FAMILIES:
-        from . import generator  # noqa: F401  (registers it when rayweights.generators exists)
-    if name not in FAMILIES:
-        raise LearngeneError(f"family: unknown {name!r} (registered: {', '.join(sorted(FAMILIES))})")
-    return FAMILIES[name]
+def get_model_family(name: str) -> ModelFamily:
+    if name not in MODEL_FAMILIES:
+        raise LearngeneError(f"family: unknown {name!r} (registered: {', '.join(sorted(MODEL_FAMILIES))})")
+    return MODEL_FAMILIES[name]
 
 
 def import_constructor(spec: str) -> Callable[..., nn.Module]:
@@ -89,6 +88,11 @@ def import_constructor(spec: str) -> Callable[..., nn.Module]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention and ResBlock1D stay this module's own rather than rayweights.generators.layers': those
+# differ in ways that change results and the parameter names learngene layer types match —
+# layers.Attention has bias-free to_q/to_k/to_v and to_out (here q/k/v/o with biases), layers.ResBlock1D
+# applies SiLU to the embedding, has dropout and GroupNorm eps 1e-6 and names its projection ``emb``
+# (here ``temb``, no SiLU, eps 1e-5).  Saved learngenes and their curves were made with these.
 class Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v/o projections (one layer type each)."""
 
@@ -153,11 +157,10 @@ class DigitsTransformer(nn.Module):
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return nn.functional.pad(emb, (0, dim % 2))
+    """Sinusoidal timestep features [cos | sin]: diffusers' ``get_timestep_embedding``, the function
+    the generators' ``Timesteps`` (``rayweights.generators.layers.timestep_embedding_modules``) wraps;
+    that helper also builds a ``TimestepEmbedding`` MLP, whose parameters this model does not have."""
+    return get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0, max_period=max_period)
 
 
 class ResBlock1D(nn.Module):
@@ -234,14 +237,12 @@ RESNET_TYPES = [LayerType("stem", r"0\.weight", ndim=4), LayerType("conv1", r"(\
 
 
 def _zoo_resnet_small(width: int = 16, blocks: int = 2, in_shape=(1, 8, 8), num_classes: int = 10) -> nn.Module:
-    from ..zoo import architectures
-
     return architectures.build("resnet_small", tuple(in_shape), num_classes, width=width, blocks=blocks)
 
 
-register_family(Family("digits_transformer", "digits", TRANSFORMER_TYPES, DigitsTransformer,
+register_model_family(ModelFamily("digits_transformer", "digits", TRANSFORMER_TYPES, DigitsTransformer,
                        description="ViT-style digits classifier (rows as tokens); size: width, depth, heads"))
-register_family(Family("denoiser1d", "denoise1d", DENOISER_TYPES, Denoiser1D,
+register_model_family(ModelFamily("denoiser1d", "denoise1d", DENOISER_TYPES, Denoiser1D,
                        description="1-D eps-prediction net (ResBlock + attention blocks); size: channels, depth"))
-register_family(Family("zoo_resnet_small", "digits", RESNET_TYPES, _zoo_resnet_small,
+register_model_family(ModelFamily("zoo_resnet_small", "digits", RESNET_TYPES, _zoo_resnet_small,
                        description="the zoo's resnet_small on digits; size: width, blocks"))

@@ -174,7 +174,7 @@ class LearngeneConfig:
     name: str
     source: SourceSpec
     targets: list[SizeSpec]
-    family: str = ""                    # a registered family (models.FAMILIES / generator.py)
+    family: str = ""                    # a registered family (models.MODEL_FAMILIES / generator.py)
     constructor: str = ""               # or "package.module:function" building a model from size kwargs
     family_options: dict[str, Any] = field(default_factory=dict)   # keyword arguments shared by every size
     layer_types: list[LayerType] = field(default_factory=list)     # override / define the layer types

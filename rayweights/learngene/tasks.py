@@ -18,18 +18,21 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from diffusers import DDPMScheduler
+
+from ..datasets import load_dataset
+from ..table import open_zoo
 from .layers import LearngeneError
 
-__all__ = ["Task", "DigitsTask", "Denoise1DTask", "make_task", "train_steps", "TASK_KINDS"]
+__all__ = ["LearngeneTask", "DigitsTask", "Denoise1DTask", "make_task", "train_steps", "TASK_KINDS"]
 
 TASK_KINDS = ("digits", "denoise1d")
 
 
-class Task:
+class LearngeneTask:
     metric: str = ""
     higher_is_better: bool = True
     batch_size: int = 64
@@ -56,15 +59,11 @@ class Task:
         raise NotImplementedError
 
 
-class DigitsTask(Task):
+class DigitsTask(LearngeneTask):
     def __init__(self, metric: str = "acc", val_fraction: float = 0.3, batch_size: int = 64, split_seed: int = 0):
-        from sklearn.datasets import load_digits
-
         if metric not in ("acc", "loss"):
             raise LearngeneError(f"task.metric: {metric!r} is not acc or loss for digits")
-        d = load_digits()
-        X = torch.from_numpy((d.images.astype(np.float32) / 16.0 - 0.5)[:, None])
-        y = torch.from_numpy(d.target.astype(np.int64))
+        X, y = load_dataset("digits")                  # the one datasets registry
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(10_000 + split_seed))
         n_val = int(len(y) * val_fraction)
         self.val_x, self.val_y = X[perm[:n_val]], y[perm[:n_val]]
@@ -105,8 +104,6 @@ def synthetic_signals(n: int, length: int, seed: int) -> torch.Tensor:
 def zoo_rows(uri: str, max_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """All blocks of a zoo's checkpoints as rows [N, block_size] plus each row's block index [N],
     normalised per group when the zoo stores stats (else globally standardised)."""
-    from ..table import open_zoo
-
     zoo = open_zoo(uri)
     blocks = zoo.blocks()                      # [M, num_blocks, block_size]
     layout = zoo.layout
@@ -122,13 +119,11 @@ def zoo_rows(uri: str, max_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, index
 
 
-class Denoise1DTask(Task):
+class Denoise1DTask(LearngeneTask):
     metric, higher_is_better = "eps_mse", False
 
     def __init__(self, data: str = "signals", length: int = 64, num_train: int = 2048, num_val: int = 256,
                  timesteps: int = 1000, batch_size: int = 64, split_seed: int = 0):
-        from diffusers import DDPMScheduler
-
         if data == "signals":
             rows = synthetic_signals(num_train + num_val, length, seed=split_seed)
             index = torch.zeros(len(rows), dtype=torch.int64)
@@ -170,7 +165,7 @@ class Denoise1DTask(Task):
         return {"eps_mse": mse}
 
 
-def make_task(kind: str, **options: Any) -> Task:
+def make_task(kind: str, **options: Any) -> LearngeneTask:
     if kind == "digits":
         return DigitsTask(**options)
     if kind == "denoise1d":
@@ -185,7 +180,7 @@ class CurvePoint:
     seconds: float
 
 
-def train_steps(model: nn.Module, task: Task, steps: int, *, lr: float, weight_decay: float = 0.0,
+def train_steps(model: nn.Module, task: LearngeneTask, steps: int, *, lr: float, weight_decay: float = 0.0,
                 eval_every: int = 50, subset: float = 1.0, seed: int = 0, start_step: int = 0,
                 eval_at_start: bool = True, device: str | torch.device = "cpu",
                 params: Sequence[nn.Parameter] | None = None, grad_clip: float = 1.0,

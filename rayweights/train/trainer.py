@@ -136,7 +136,7 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
             kwargs.update(conditions=cache, text_encoder=cfg.text_encoder)
         elif klass.conditioning == "dataset":
             from ..config import ConfigError, to_dict
-            from ..zoo.families import read_zoo_spec
+            from ..zoo.spec import read_zoo_spec
 
             opts = {"samples_per_class": cfg.dataset_samples_per_class, "seed": cfg.seed}
             try:
@@ -344,8 +344,11 @@ def finish_stage(method, stage: str, weights=None) -> None:
 
 
 def train_generator(cfg: GeneratorTrainConfig, address: str | None = None, show_progress: bool = True,
-                    plan: Plan | None = None) -> TrainResult:
-    """Train every stage of ``cfg.method`` (skipping finished ones), then export the generator."""
+                    plan: Plan | None = None, extend_last_stage: bool = False) -> TrainResult:
+    """Train every stage of ``cfg.method`` (skipping finished ones), then export the generator.
+
+    ``extend_last_stage``: a finished last stage trained for fewer steps than ``cfg`` now asks is
+    continued from its latest checkpoint instead of skipped (training in rounds, e.g. sweep trials)."""
     from ..runtime import ray_init
 
     plan = plan or preflight(cfg)
@@ -360,9 +363,12 @@ def train_generator(cfg: GeneratorTrainConfig, address: str | None = None, show_
     for stage in method.stages:
         key = method.stage_model[stage]
         dest = run.join("stages", key)
-        if exists(dest.join("done.json")):
+        info = json.loads(read_bytes(dest.join("done.json"))) if exists(dest.join("done.json")) else None
+        if info is not None and extend_last_stage and stage == method.stages[-1] \
+                and int(info.get("steps", 0)) < resolved_stage(cfg, stage)["steps"]:
+            info = None                      # continued below from the stage's latest checkpoint
+        if info is not None:
             method.pretrained[key] = dest.uri
-            info = json.loads(read_bytes(dest.join("done.json")))
             result.stages[stage] = {**info, "skipped": True}
             log.info("stage %s: already trained (%s)", stage, dest.uri)
         elif stage in cfg.train_stages:

@@ -7,10 +7,16 @@ data or the output URI (dataset paths, the task list, the layout, a probe write)
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..config import from_dict
+from ..errors import check_id
+from ..storage import read_bytes, resolve
 from . import architectures
+from .families import FAMILIES
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -128,8 +134,6 @@ class ZooSpec:
     fail_members: list[str] = field(default_factory=list)   # fault injection: "member_id" or "member_id:N"
 
     def __post_init__(self):
-        from .families import FAMILIES
-
         if self.family not in FAMILIES:
             raise ValueError(f"family: unknown {self.family!r} (available: {', '.join(sorted(FAMILIES))})")
         if self.architecture not in architectures.ARCHITECTURES:
@@ -167,11 +171,22 @@ class ZooSpec:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: {self.device!r} is not auto, cpu or cuda[:N]")
         if self.tasks:                       # ids that become file names: checked at load, before any work
-            from ..errors import check_id
-
             fam = FAMILIES[self.family]
             for c in self.tasks:
                 check_id(fam.task_from_condition(self, c).task_id, f"tasks: {c!r} gives task id")
         for f in self.fail_members:
             if f.count(":") > 1 or (":" in f and not f.rsplit(":", 1)[1].isdigit()):
                 raise ValueError(f"fail_members: {f!r} is not 'member_id' or 'member_id:N'")
+
+
+def read_zoo_spec(zoo_uri: str) -> tuple[ZooSpec | None, list[str]]:
+    """(ZooSpec, held-out conditions) from ``<zoo>/zoo_spec.json`` (written by build-zoo), or
+    (None, []) for a table written without the builder."""
+    try:
+        d = json.loads(read_bytes(resolve(zoo_uri).join("zoo_spec.json")))
+    except FileNotFoundError:
+        return None, []
+    spec = from_dict(ZooSpec, d["spec"])
+    if not spec.output:
+        spec = dataclasses.replace(spec, output=zoo_uri)
+    return spec, list(d.get("held_out", []))

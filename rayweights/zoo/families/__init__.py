@@ -1,22 +1,22 @@
 """Task families: ``dataset-subsets`` (D2NWG), ``partial`` (p-diff), ``concepts`` (Denoised Neural
 Weights).  A family enumerates tasks and trains one member of one task; see :class:`Family`.
-
-The module-level functions below are the classifier families' public helpers (used by the
-evaluation stage to rebuild exactly what the members saw).
+``family.recipe(spec, task)`` (a :class:`Recipe`: build model, base weights, optimiser, split,
+train epoch, evaluate) is how it trains: the members are trained with it and the evaluation
+fine-tunes with it.
 """
 
 from __future__ import annotations
 
-from .base import (FAMILIES, Family, Task, draw_hparams, evaluate, freeze_batchnorm, get_family,
+from .base import (FAMILIES, Family, Recipe, Task, draw_hparams, evaluate, freeze_batchnorm, get_family,
                    make_optimizer, register_family, resolve_device, train_epoch)
 from .data import dataset_prefix, load_dataset, task_split
 from .subsets import base_model_state, enumerate_tasks, task_data, task_from_condition
 from . import concepts  # noqa: E402,F401  (registers the family)
 
-__all__ = ["FAMILIES", "Family", "Task", "get_family", "register_family", "draw_hparams", "evaluate",
+__all__ = ["FAMILIES", "Family", "Recipe", "Task", "get_family", "register_family", "draw_hparams", "evaluate",
            "train_epoch", "freeze_batchnorm", "make_optimizer", "resolve_device", "load_dataset",
            "dataset_prefix", "task_split", "task_data", "enumerate_tasks", "task_from_condition",
-           "base_model_state", "train_member", "template_state_dict", "condition_features", "read_zoo_spec"]
+           "base_model_state", "train_member", "template_state_dict", "condition_features"]
 
 
 def template_state_dict(spec, k: int | None = None) -> dict:
@@ -35,23 +35,3 @@ def condition_features(spec, condition: str, samples_per_class: int = 10, seed: 
     ``condition`` names, from the data ``spec``'s family builds (any dataset the zoo can use:
     digits, image folders, torchvision, Parquet tables, frozen CLIP features)."""
     return get_family(spec.family).condition_features(spec, condition, int(samples_per_class), int(seed))
-
-
-def read_zoo_spec(zoo_uri: str):
-    """(ZooSpec, held-out conditions) from ``<zoo>/zoo_spec.json`` (written by build-zoo), or
-    (None, []) for a table written without the builder."""
-    import dataclasses
-    import json
-
-    from ...config import from_dict
-    from ...storage import read_bytes, resolve
-    from ..spec import ZooSpec
-
-    try:
-        d = json.loads(read_bytes(resolve(zoo_uri).join("zoo_spec.json")))
-    except FileNotFoundError:
-        return None, []
-    spec = from_dict(ZooSpec, d["spec"])
-    if not spec.output:
-        spec = dataclasses.replace(spec, output=zoo_uri)
-    return spec, list(d.get("held_out", []))

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Task", "Family", "FAMILIES", "register_family", "get_family", "draw_hparams", "train_epoch",
-           "evaluate", "resolve_device", "Checkpoint", "freeze_batchnorm", "make_optimizer", "snapshot"]
+__all__ = ["Task", "Family", "Recipe", "FAMILIES", "register_family", "get_family", "draw_hparams", "train_epoch",
+           "evaluate", "resolve_device", "centre", "Checkpoint", "freeze_batchnorm", "make_optimizer", "snapshot"]
 
 #: (step or epoch, state_dict, metrics) — what a family's train_member returns, oldest first
 Checkpoint = tuple[int, dict, dict]
@@ -67,6 +67,13 @@ class Family:
                      device: str = "cpu") -> list[Checkpoint]:
         raise NotImplementedError
 
+    def recipe(self, spec, task: Task, *, lr: float | None = None, weight_decay: float | None = None,
+               optimizer: str | None = None, batch_size: int | None = None, device: str = "cpu") -> "Recipe":
+        """How this family trains a model of ``task`` (the members' recipe): hyper-parameters left
+        ``None`` take the centre of the zoo's ranges (geometric mean of ``hparams.lr``), the
+        spec's optimiser and batch size.  Families without a fine-tuning recipe raise."""
+        raise ValueError(f"family: {self.name} has no training recipe")
+
     def condition_features(self, spec, condition: str, samples_per_class: int, seed: int = 0):
         """Per-class example sets of the data a condition names, as the members saw it: float32
         ``[C, K, d]`` (K = ``samples_per_class`` training examples of each class, flattened), for
@@ -75,6 +82,52 @@ class Family:
 
     #: the metric summarised per member in the build results (higher or lower is better)
     score_metric: str = "val_acc"
+
+
+class Recipe:
+    """How a family trains a model of one task, as public API: the zoo builder trains its members
+    with it and the evaluation fine-tunes generated and baseline initialisations with the same one.
+
+    ``task``; ``lr``, ``weight_decay``, ``optimizer``, ``batch_size``; ``split``: ``{"train": (x, y),
+    "test": (x, y)}`` (``test`` is the split the members were scored on, their validation split);
+    ``metric`` (the primary key of :meth:`evaluate`) and ``higher_is_better``."""
+
+    task: Task
+    lr: float
+    weight_decay: float
+    optimizer: str
+    batch_size: int
+    split: dict
+    metric: str = ""
+    higher_is_better: bool = True
+
+    def build_model(self, seed: int) -> nn.Module:
+        """The architecture with its own initialisation for ``seed`` (a member's starting point
+        before any shared base weights are loaded)."""
+        raise NotImplementedError
+
+    def base_state_dict(self, store: bool = False) -> dict | None:
+        """The shared base weights every member of the task starts from (None: none); ``store``
+        caches weights trained now in the zoo."""
+        return None
+
+    def make_optimizer(self, model: nn.Module, trainable=None):
+        """The family's optimiser over the parameters named in ``trainable`` (None: all); the others
+        are frozen (``requires_grad`` False)."""
+        raise NotImplementedError
+
+    def train_epoch(self, model: nn.Module, optimizer, g: torch.Generator, on_step=None) -> dict:
+        """One epoch of the members' objective on ``split["train"]`` (shuffled and noised from
+        ``g``); ``on_step()`` after each step.  Returns ``{"steps": n, ...}`` (running losses)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        raise NotImplementedError
+
+
+def centre(lo: float, hi: float) -> float:
+    """The geometric centre of a log-uniform range (a positive floor keeps a 0 lower end finite)."""
+    return math.sqrt(max(lo, 1e-12) * max(hi, 1e-12))
 
 
 FAMILIES: dict[str, Family] = {}

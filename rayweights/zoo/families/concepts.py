@@ -28,11 +28,14 @@ import zlib
 from functools import lru_cache
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
+from ...storage import exists, join, read_bytes, resolve, safetensors_metadata, write_bytes_atomic
 from .. import architectures
 from .. import editor as E
-from .base import Family, Task, freeze_batchnorm, make_optimizer, register_family, snapshot
+from .base import Family, Recipe, Task, freeze_batchnorm, make_optimizer, register_family, snapshot
 
 __all__ = ["Concepts", "base_generator_state", "load_base_generator", "task_pairs", "BASE_DIR"]
 
@@ -101,6 +104,11 @@ class Concepts(Family):
     def train_member(self, spec, task, seed, hparams, select_names=None, device="cpu"):
         return train_concept_member(spec, task, seed, hparams, select_names, device)
 
+    def recipe(self, spec, task, *, lr=None, weight_decay=None, optimizer=None, batch_size=None,
+               device="cpu") -> "ConceptRecipe":
+        return ConceptRecipe(spec, task, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+                             batch_size=batch_size, device=device)
+
 
 # --------------------------------------------------------------------------- data
 @lru_cache(maxsize=2)
@@ -134,11 +142,6 @@ def task_pairs(spec, task: Task, device: str = "cpu"):
 
 
 def _cached_edit(spec, task: Task, src: torch.Tensor, device: str) -> torch.Tensor:
-    from safetensors.torch import load as st_load
-    from safetensors.torch import save as st_save
-
-    from ...storage import exists, join, read_bytes, resolve, safetensors_metadata, write_bytes_atomic
-
     loc = resolve(join(spec.output, "pairs", f"{task.task_id}.safetensors"))
     meta = json.dumps({"editor": spec.concepts.editor, "options": spec.concepts.editor_options,
                        "prompt": task.condition, "n": len(src), "size": src.shape[-1],
@@ -167,11 +170,6 @@ def _base_config(spec) -> dict:
 def base_generator_state(spec, device: str = "cpu", store: bool = False) -> dict:
     """The zoo's base generator weights: from ``<zoo>/base/generator/`` when it holds one trained with
     this configuration, else trained here (identity L1 on procedural images) and, with ``store``, cached."""
-    from safetensors.torch import load as st_load
-    from safetensors.torch import save as st_save
-
-    from ...storage import exists, join, read_bytes, resolve, write_bytes_atomic
-
     cfg = _base_config(spec)
     key = (spec.output, json.dumps(cfg, sort_keys=True))
     if key in _BASE:
@@ -233,24 +231,109 @@ def _l1(G, x, y, seed: int = 0) -> float:
     return float(((G(x, z) - y).abs().mean()) / 2)       # [-1, 1] -> [0, 1] pixel units
 
 
+class GANState:
+    """What :meth:`ConceptRecipe.make_optimizer` returns for eq. 4: the generator's optimiser and a
+    fresh conditional PatchGAN with its own."""
+
+    def __init__(self, opt_g, disc, opt_d):
+        self.opt_g, self.disc, self.opt_d = opt_g, disc, opt_d
+
+
+class ConceptRecipe(Recipe):
+    """``concepts``: the zoo's base image-to-image generator with a fresh LoRA (down random, up zero)
+    trained with eq. 4 (lambda * L1 + conditional GAN against a fresh PatchGAN, Adam beta1 0.5) on
+    the concept's pairs, in [-1, 1]; BatchNorm statistics stay the base's.  Metric: L1 in [0, 1]
+    pixel units (lower is better)."""
+
+    metric = "l1"
+    higher_is_better = False
+
+    def __init__(self, spec, task: Task, lr: float | None = None, weight_decay: float | None = None,
+                 optimizer: str | None = None, batch_size: int | None = None, device: str = "cpu"):
+        self.spec, self.task, self.device = spec, task, device
+        lo, hi = spec.hparams.lr
+        self.lr = float(lr) if lr is not None else math.sqrt(lo * hi)
+        self.weight_decay = float(weight_decay) if weight_decay is not None else spec.hparams.weight_decay[0]
+        self.optimizer = optimizer or spec.optimizer
+        self.batch_size = int(batch_size or spec.batch_size)
+        (xtr, ytr), (xva, yva) = task_pairs(spec, task, device)
+        self.split = {"train": ((xtr * 2 - 1).to(device), (ytr * 2 - 1).to(device)),
+                      "test": ((xva * 2 - 1).to(device), (yva * 2 - 1).to(device))}
+
+    def build_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return architectures.build(self.spec.architecture, _in_shape(self.spec), 3, **self.spec.arch_options)
+
+    def base_state_dict(self, store: bool = False) -> dict:
+        """The base generator without its LoRA adapters (a member keeps its own seeded LoRA init)."""
+        base = base_generator_state(self.spec, self.device, store=store)
+        return {k: v for k, v in base.items() if ".lora_" not in f".{k}"}
+
+    def make_optimizer(self, model, trainable=None) -> GANState:
+        names = None if trainable is None else set(trainable)
+        for n, p in model.named_parameters():
+            p.requires_grad_(names is None or n in names)
+        params = [p for p in model.parameters() if p.requires_grad]
+        co = self.spec.concepts
+        opt_g = make_optimizer(self.optimizer, params, self.lr, self.weight_decay, betas=(0.5, 0.999))
+        disc = architectures.build("patchgan", (6, co.image_size, co.image_size), 1, **co.discriminator).to(self.device)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=self.lr, betas=(0.5, 0.999))
+        return GANState(opt_g, disc, opt_d)
+
+    def train_epoch(self, model, state: GANState, g, on_step=None) -> dict:
+        """One epoch of eq. 4: a D step, then a G step on lambda * L1 + GAN.  Returns the steps and
+        the epoch's mean G GAN loss, D loss and L1 (``train_l1``, [0, 1] pixel units)."""
+        xtr, ytr = self.split["train"]
+        model.train()
+        freeze_batchnorm(model)          # BN statistics stay the base's: a member is base + its table rows
+        state.disc.train()
+        bce = nn.BCEWithLogitsLoss()
+        perm = torch.randperm(len(xtr), generator=g)
+        sums = {"g_gan": 0.0, "d_loss": 0.0, "train_l1": 0.0}
+        steps = 0
+        for i in range(0, len(xtr), self.batch_size):
+            idx = perm[i:i + self.batch_size]
+            if len(idx) < 2:
+                continue
+            x, y = xtr[idx], ytr[idx]
+            z = torch.randn(len(x), model.noise_channels, *x.shape[2:], generator=g).to(x.device)
+            fake = model(x, z)
+            d_real, d_fake = state.disc(x, y), state.disc(x, fake.detach())
+            loss_d = 0.5 * (bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake)))
+            state.opt_d.zero_grad()
+            loss_d.backward()
+            state.opt_d.step()
+            d_fake = state.disc(x, fake)
+            g_gan = bce(d_fake, torch.ones_like(d_fake))
+            l1 = (fake - y).abs().mean()
+            loss_g = self.spec.concepts.lambda_l1 * l1 + g_gan
+            state.opt_g.zero_grad()
+            loss_g.backward()
+            state.opt_g.step()
+            sums["g_gan"] += g_gan.item()
+            sums["d_loss"] += loss_d.item()
+            sums["train_l1"] += l1.item() / 2
+            steps += 1
+            if on_step is not None:
+                on_step()
+        return {"steps": steps, **{k: v / max(steps, 1) for k, v in sums.items()}}
+
+    def evaluate(self, model, split: str = "test") -> dict[str, float]:
+        x, y = self.split[split]
+        model.eval()
+        return {"l1": _l1(model, x, y), "psnr": _psnr(model, x, y)}
+
+
 def train_concept_member(spec, task: Task, seed: int, hparams: dict, select_names=None, device: str = "cpu"):
-    co = spec.concepts
-    base = base_generator_state(spec, device)
-    (xtr, ytr), (xva, yva) = task_pairs(spec, task, device)
-    xtr, ytr, xva, yva = ((t * 2 - 1).to(device) for t in (xtr, ytr, xva, yva))
-    torch.manual_seed(seed)
-    G = architectures.build(spec.architecture, _in_shape(spec), 3, **spec.arch_options)
+    """Train one member with the family's recipe; returns its kept checkpoints [(epoch, state_dict, metrics)]."""
+    recipe = ConceptRecipe(spec, task, hparams["lr"], hparams["weight_decay"], device=device)
+    base = recipe.base_state_dict()
+    (xtr, ytr), (xva, yva) = recipe.split["train"], recipe.split["test"]
+    G = recipe.build_model(seed)
     # base weights, but this member's own (seeded) LoRA init: down random, up zero
-    G.load_state_dict({k: v for k, v in base.items() if ".lora_" not in f".{k}"}, strict=False)
+    G.load_state_dict(base, strict=False)
     G.to(device)
-    names = set(select_names) if select_names is not None else set(n for n, _ in G.named_parameters())
-    for n, p in G.named_parameters():
-        p.requires_grad_(n in names)
-    params = [p for p in G.parameters() if p.requires_grad]
-    Dn = architectures.build("patchgan", (6, co.image_size, co.image_size), 1, **co.discriminator).to(device)
-    optG = make_optimizer(spec.optimizer, params, hparams["lr"], hparams["weight_decay"], betas=(0.5, 0.999))
-    optD = torch.optim.Adam(Dn.parameters(), lr=hparams["lr"], betas=(0.5, 0.999))
-    bce = nn.BCEWithLogitsLoss()
+    state = recipe.make_optimizer(G, select_names)
     g = torch.Generator().manual_seed(seed)
     G.eval()
     base_l1 = _l1(G, xva, yva)
@@ -258,42 +341,14 @@ def train_concept_member(spec, task: Task, seed: int, hparams: dict, select_name
     kept = []
     epochs = hparams["epochs"]
     for epoch in range(1, epochs + 1):
-        G.train()
-        freeze_batchnorm(G)          # BN statistics stay the base's: a member is base + its table rows
-        Dn.train()
-        perm = torch.randperm(len(xtr), generator=g)
-        sums = {"g_gan": 0.0, "d_loss": 0.0, "l1": 0.0}
-        steps = 0
-        for i in range(0, len(xtr), spec.batch_size):
-            idx = perm[i:i + spec.batch_size]
-            if len(idx) < 2:
-                continue
-            x, y = xtr[idx], ytr[idx]
-            z = torch.randn(len(x), G.noise_channels, *x.shape[2:], generator=g).to(device)
-            fake = G(x, z)
-            d_real, d_fake = Dn(x, y), Dn(x, fake.detach())
-            loss_d = 0.5 * (bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake)))
-            optD.zero_grad()
-            loss_d.backward()
-            optD.step()
-            d_fake = Dn(x, fake)
-            g_gan = bce(d_fake, torch.ones_like(d_fake))
-            l1 = (fake - y).abs().mean()
-            loss_g = co.lambda_l1 * l1 + g_gan
-            optG.zero_grad()
-            loss_g.backward()
-            optG.step()
-            sums["g_gan"] += g_gan.item()
-            sums["d_loss"] += loss_d.item()
-            sums["l1"] += l1.item() / 2
-            steps += 1
+        losses = recipe.train_epoch(G, state, g)
         if epoch > epochs - spec.keep_last:
             G.eval()
             val = _l1(G, xva, yva)
             m = {"train_l1": _l1(G, xtr, ytr), "val_l1": val,
                  "val_psnr": _psnr(G, xva, yva),
                  "base_val_l1": base_l1, "identity_val_l1": identity_l1,
-                 **{k: v / max(steps, 1) for k, v in sums.items() if k != "l1"}}
+                 "g_gan": losses["g_gan"], "d_loss": losses["d_loss"]}
             if not all(math.isfinite(v) for v in m.values()):
                 raise FloatingPointError(f"non-finite metrics {m} (lr {hparams['lr']:.3g} too high?)")
             kept.append((epoch, snapshot(G), m))

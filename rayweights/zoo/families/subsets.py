@@ -20,13 +20,16 @@ import math
 import zlib
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
+from ...storage import exists, join, read_bytes, resolve, safetensors_metadata, write_bytes_atomic
 from .. import architectures
 from . import data as D
-from .base import (Family, Task, evaluate, make_optimizer, register_family, snapshot, train_epoch)
+from .base import (Family, Recipe, Task, centre, evaluate, make_optimizer, register_family, snapshot, train_epoch)
 
-__all__ = ["DatasetSubsets", "Partial", "enumerate_tasks", "task_from_condition", "base_model_state",
-           "task_data"]
+__all__ = ["DatasetSubsets", "Partial", "ClassifierRecipe", "enumerate_tasks", "task_from_condition",
+           "base_model_state", "task_data"]
 
 
 def enumerate_tasks(dataset: str, k: int, num_classes: int | None = None) -> list[Task]:
@@ -109,6 +112,11 @@ class DatasetSubsets(Family):
     def train_member(self, spec, task, seed, hparams, select_names=None, device="cpu"):
         return train_classifier(spec, task, seed, hparams, select_names, device, partial=False)
 
+    def recipe(self, spec, task, *, lr=None, weight_decay=None, optimizer=None, batch_size=None,
+               device="cpu") -> "ClassifierRecipe":
+        return ClassifierRecipe(spec, task, partial=self.name == "partial", lr=lr, weight_decay=weight_decay,
+                                optimizer=optimizer, batch_size=batch_size, device=device)
+
     def condition_features(self, spec, condition, samples_per_class, seed=0):
         task = task_from_condition(condition)
         (X, y), _ = task_data(spec, task)
@@ -156,8 +164,6 @@ def _base_config(spec, task: Task) -> dict:
 
 
 def _base_location(spec, task: Task):
-    from ...storage import join, resolve
-
     return resolve(join(spec.output, "base", f"{task.task_id}.safetensors")) if spec.output else None
 
 
@@ -165,11 +171,6 @@ def base_model_state(spec, task: Task, store: bool = False) -> dict:
     """partial: the task's shared base model.  Read from the zoo's cache when the zoo has it (so
     evaluation uses bit-identical weights to the members'), else trained (deterministic per task)
     and, with ``store``, written to the cache."""
-    from safetensors.torch import load as st_load
-    from safetensors.torch import save as st_save
-
-    from ...storage import exists, read_bytes, safetensors_metadata, write_bytes_atomic
-
     cfg = json.dumps(_base_config(spec, task), sort_keys=True)
     key = (spec.output, cfg)
     if key in _BASES:
@@ -196,26 +197,70 @@ def base_model_state(spec, task: Task, store: bool = False) -> dict:
     return sd
 
 
+# --------------------------------------------------------------------------- the recipe
+class ClassifierRecipe(Recipe):
+    """``dataset-subsets`` / ``partial``: minibatch cross-entropy on the task's training split, the
+    spec's optimiser; ``partial`` starts from the task's base model with BatchNorm statistics frozen."""
+
+    metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, spec, task: Task, partial: bool = False, lr: float | None = None,
+                 weight_decay: float | None = None, optimizer: str | None = None, batch_size: int | None = None,
+                 device: str = "cpu"):
+        self.spec, self.task, self.partial, self.device = spec, task, partial, device
+        self.lr = float(lr) if lr is not None else centre(*spec.hparams.lr)
+        self.weight_decay = float(weight_decay) if weight_decay is not None else centre(*spec.hparams.weight_decay)
+        self.optimizer = optimizer or spec.optimizer
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer: {self.optimizer!r} is not sgd, adam or adamw")
+        self.batch_size = int(batch_size or spec.batch_size)
+        (Xtr, ytr), (Xva, yva) = task_data(spec, task)
+        self.split = {"train": (Xtr.to(device), ytr.to(device)), "test": (Xva.to(device), yva.to(device))}
+
+    def build_model(self, seed: int):
+        shared = self.spec.init == "shared"   # one initialisation for the whole zoo (ZooSpec.init)
+        torch.manual_seed(self.spec.seed if shared else seed)
+        Xtr = self.split["train"][0]
+        model = architectures.build(self.spec.architecture, tuple(Xtr.shape[1:]), len(self.task.classes),
+                                    **self.spec.arch_options)
+        if shared:
+            torch.manual_seed(seed)           # the member's own randomness from here on
+        return model
+
+    def base_state_dict(self, store: bool = False) -> dict | None:
+        return base_model_state(self.spec, self.task, store=store) if self.partial else None
+
+    def make_optimizer(self, model, trainable=None):
+        names = None if trainable is None else set(trainable)
+        for n, p in model.named_parameters():
+            p.requires_grad_(names is None or n in names)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return make_optimizer(self.optimizer, params, self.lr, self.weight_decay)
+
+    def train_epoch(self, model, optimizer, g, on_step=None) -> dict:
+        X, y = self.split["train"]
+        return {"steps": train_epoch(model, optimizer, X, y, self.batch_size, g, on_step=on_step,
+                                     freeze_norm_stats=self.partial)}
+
+    def evaluate(self, model, split: str = "test") -> dict[str, float]:
+        X, y = self.split[split]
+        m = evaluate(model, X, y)
+        return {"accuracy": m["acc"], "loss": m["loss"]}
+
+
 # --------------------------------------------------------------------------- training
 def train_classifier(spec, task: Task, seed: int, hparams: dict, select_names=None, device: str = "cpu",
                      partial: bool = False):
-    """Train one member; returns its kept checkpoints [(epoch or step, state_dict, metrics)]."""
-    base = base_model_state(spec, task, store=True) if partial else None
-    torch.manual_seed(seed)
-    (Xtr, ytr), (Xva, yva) = task_data(spec, task)
-    Xtr, ytr, Xva, yva = (t.to(device) for t in (Xtr, ytr, Xva, yva))
-    if spec.init == "shared":        # one initialisation for the whole zoo; the member's seed orders its data
-        torch.manual_seed(spec.seed)
-    model = architectures.build(spec.architecture, tuple(Xtr.shape[1:]), len(task.classes), **spec.arch_options)
-    torch.manual_seed(seed)
+    """Train one member with the family's recipe; returns its kept checkpoints [(epoch or step, state_dict, metrics)]."""
+    recipe = ClassifierRecipe(spec, task, partial, hparams["lr"], hparams["weight_decay"], device=device)
+    base = recipe.base_state_dict(store=True)
+    model = recipe.build_model(seed)
     if base is not None:
         model.load_state_dict(base)
     model.to(device)
     only_selected = spec.train_only_selected or partial
-    for n, p in model.named_parameters():
-        p.requires_grad_(not only_selected or select_names is None or n in select_names)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(spec.optimizer, params, hparams["lr"], hparams["weight_decay"])
+    opt = recipe.make_optimizer(model, select_names if only_selected else None)
     g = torch.Generator().manual_seed(seed)
     kept: list = []
     epochs = hparams["epochs"]
@@ -224,8 +269,9 @@ def train_classifier(spec, task: Task, seed: int, hparams: dict, select_names=No
     def score(sd=None):
         if sd is not None:
             model.load_state_dict(sd)
-        tr, va = evaluate(model, Xtr, ytr), evaluate(model, Xva, yva)
-        return {"train_acc": tr["acc"], "train_loss": tr["loss"], "val_acc": va["acc"], "val_loss": va["loss"]}
+        tr, va = recipe.evaluate(model, "train"), recipe.evaluate(model, "test")
+        return {"train_acc": tr["accuracy"], "train_loss": tr["loss"], "val_acc": va["accuracy"],
+                "val_loss": va["loss"]}
 
     for epoch in range(1, epochs + 1):
         last = partial and epoch == epochs
@@ -234,8 +280,7 @@ def train_classifier(spec, task: Task, seed: int, hparams: dict, select_names=No
         def on_step():   # p-diff: a checkpoint after each step of the last epoch
             kept.append((step + len(kept) - n_before + 1, snapshot(model), None))
 
-        step += train_epoch(model, opt, Xtr, ytr, spec.batch_size, g, on_step=on_step if last else None,
-                            freeze_norm_stats=partial)
+        step += recipe.train_epoch(model, opt, g, on_step=on_step if last else None)["steps"]
         if not partial and epoch > epochs - spec.keep_last:
             kept.append((epoch, snapshot(model), score()))
     if partial:

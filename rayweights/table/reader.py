@@ -1,35 +1,6 @@
-"""Weight-block tables: one Parquet file per zoo member, a consolidated members manifest.
-
-On-storage layout of a zoo (``<root>`` = the zoo URI, a local folder, ``file://`` or ``s3://``)::
-
-    <root>/layout.json                                   WeightLayout (written once)
-    <root>/blocks/task=<task_id>/member=<member_id>.parquet   all kept checkpoints of one member
-    <root>/members/<member_id>.json                      manifest entry, written after its file
-    <root>/failures/<member_id>.json                     members that kept failing, with the error
-    <root>/_manifest/CURRENT                             {"version": N, "snapshot": ...}
-    <root>/_manifest/snapshot-<N>.parquet                consolidated entries (+ the entry mtimes)
-    <root>/compacted/v<N>/part-<k>.parquet               files written by compaction
-
-Visibility rules, which make partial writes invisible and reads cheap at 10^4-10^5 members:
-
-* a member exists only once its entry ``members/<id>.json`` exists, and that entry is written only
-  after its blocks file is complete (single PUT on S3, write + rename locally);
-* :func:`open_zoo` reads ``CURRENT`` and its snapshot, then *lists* ``members/`` and ``blocks/``
-  (one request per 1000 keys) and GETs only entries that are newer than the snapshot: no request
-  per member, and readers plan reads from the explicit file list, never by listing for data;
-* compaction writes the new large files, then a new snapshot, then swaps ``CURRENT`` (one atomic
-  object write): a reader sees the old files or the new ones, never a mix.
-
-Integrity: every manifest entry records its file's ``sha256`` and ``size`` (bytes) and the
-member's ``num_rows``.  :meth:`Zoo.verify` checks the live files against them (``level="footer"``:
-Parquet footer and row count, one small read per file, the training pre-flight; ``"checksum"``:
-the whole file's sha256 as well, ``rayweights zoo-info --verify`` and a build's resume, which
-rebuilds exactly the members that fail).  A manifest entry that cannot be parsed is reported by
-name (:attr:`Zoo.corrupt_entries`) and left out; the rest of the zoo stays readable.
-
-Rows (one per weight block): ``zoo, task_id, condition, member_id, seed, checkpoint (int32),
-group (int32), block_index (int32, global), block (fixed_size_list<float32>[block_size])``.
-"""
+"""Reading a zoo: :func:`open_zoo` -> :class:`Zoo` (members, blocks, state_dicts, a Ray Data
+dataset, verification) and compaction under a new manifest version.  One module (~420 lines): the
+manifest rules of :func:`open_zoo` and the reads of :class:`Zoo` are one contract and change together."""
 
 from __future__ import annotations
 
@@ -40,268 +11,26 @@ import os
 import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from .blocks import LayoutError, WeightLayout
-from .runtime import worker_env
-from .storage import (Location, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve,
-                      write_bytes_atomic)
-from .errors import UserError, check_id, job_main
+from ..blocks import WeightLayout
+from ..runtime import worker_env
+from ..storage import Location, StorageError, list_files, read_bytes, resolve, write_bytes_atomic
+from .format import (_SNAPSHOT_SCHEMA, CURRENT_FILE, MANIFEST_VERSION, MEMBER_COLUMNS, BadMember, ZooError,
+                     _read_layout)
 
-__all__ = ["ZooWriter", "CheckpointRecord", "open_zoo", "Zoo", "ZooError", "BadMember", "compact_zoo", "block_schema"]
+__all__ = ["Zoo", "open_zoo", "compact_zoo"]
 
 log = logging.getLogger(__name__)
 
-LAYOUT_FILE = "layout.json"
-CURRENT_FILE = "_manifest/CURRENT"
-MANIFEST_VERSION = "rayweights.manifest/1"
 
-
-class ZooError(UserError, RuntimeError):
-    """A zoo cannot be written or read (the message names the member or file)."""
-
-
-def block_schema(block_size: int) -> pa.Schema:
-    return pa.schema([
-        ("zoo", pa.string()),
-        ("task_id", pa.string()),
-        ("condition", pa.string()),
-        ("member_id", pa.string()),
-        ("seed", pa.int64()),
-        ("checkpoint", pa.int32()),
-        ("group", pa.int32()),
-        ("block_index", pa.int32()),
-        ("block", pa.list_(pa.float32(), block_size)),
-    ])
-
-
-_SNAPSHOT_SCHEMA = pa.schema([
-    ("member_id", pa.string()),
-    ("task_id", pa.string()),
-    ("condition", pa.string()),
-    ("seed", pa.int64()),
-    ("checkpoints", pa.list_(pa.int32())),
-    ("metrics", pa.string()),
-    ("hparams", pa.string()),
-    ("file", pa.string()),
-    ("num_rows", pa.int64()),
-    ("sha256", pa.string()),          # of the member's file ("" in zoos written before checksums)
-    ("size", pa.int64()),             # bytes of the member's file (-1: unknown)
-    ("entry_mtime_ns", pa.int64()),
-])
-MEMBER_COLUMNS = [f.name for f in _SNAPSHOT_SCHEMA if f.name != "entry_mtime_ns"]
-
-
-@dataclass(frozen=True)
-class BadMember:
-    """A member that fails verification: its id, its file (relative to the zoo root) and why."""
-
-    member_id: str
-    file: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.member_id} ({self.file}): {self.problem}"
-
-
-@dataclass
-class CheckpointRecord:
-    """One kept checkpoint of a member: a state_dict (or its blocks) and its metrics."""
-
-    step: int
-    state_dict: Mapping[str, torch.Tensor] | None = None
-    blocks: torch.Tensor | None = None
-    metrics: dict = field(default_factory=dict)
-
-
-def _safe_key(value: str, what: str) -> str:
-    try:
-        return check_id(value, what)
-    except ValueError as exc:
-        raise ZooError(str(exc)) from None
-
-
-def _read_layout(root: Location) -> WeightLayout:
-    loc = root.join(LAYOUT_FILE)
-    try:
-        text = read_bytes(loc)
-    except FileNotFoundError:
-        raise ZooError(f"no zoo at {root.describe()}: {LAYOUT_FILE} is missing") from None
-    try:
-        return WeightLayout.from_json(text)
-    except LayoutError as exc:
-        raise ZooError(f"{loc.describe()}: {exc}") from exc
-
-
-def _layout_difference(a: WeightLayout, b: WeightLayout) -> str:
-    if a.block_size != b.block_size:
-        return f"block_size {a.block_size} vs {b.block_size}"
-    if a.rule != b.rule:
-        return f"rule {a.rule} vs {b.rule}"
-    an, bn = {p.name: p for p in a.params}, {p.name: p for p in b.params}
-    for n in an:
-        if n not in bn:
-            return f"parameter {n} only in the existing layout"
-        if an[n].shape != bn[n].shape or an[n].dtype != bn[n].dtype:
-            return f"parameter {n}: {an[n].shape}/{an[n].dtype} vs {bn[n].shape}/{bn[n].dtype}"
-    for n in bn:
-        if n not in an:
-            return f"parameter {n} only in the new layout"
-    return "grouping differs"
-
-
-class ZooWriter:
-    """Writes members of one zoo. Picklable (holds a URI and a layout), so Ray workers can use it."""
-
-    def __init__(self, uri: str, layout: WeightLayout):
-        self.uri = uri
-        self.layout = layout
-        self._root: Location | None = None
-
-    def __getstate__(self):
-        return {"uri": self.uri, "layout": self.layout.to_json()}
-
-    def __setstate__(self, state):
-        self.uri = state["uri"]
-        self.layout = WeightLayout.from_json(state["layout"])
-        self._root = None
-
-    @property
-    def root(self) -> Location:
-        if self._root is None:
-            self._root = resolve(self.uri)
-        return self._root
-
-    @property
-    def zoo_name(self) -> str:
-        return posixpath.basename(self.root.path.rstrip("/"))
-
-    @classmethod
-    def create(cls, uri: str, layout: WeightLayout) -> "ZooWriter":
-        """Open ``uri`` for writing; write ``layout.json`` unless an identical one is there."""
-        try:
-            root = check_writable(uri)
-        except StorageError as exc:
-            raise ZooError(str(exc)) from exc
-        raw = WeightLayout.from_dict({**layout.to_dict(), "groups": [
-            {**g, "mean": None, "std": None} for g in layout.to_dict()["groups"]]})
-        loc = root.join(LAYOUT_FILE)
-        if exists(loc):
-            existing = _read_layout(root)
-            if not existing.same_structure(raw):
-                raise ZooError(f"{loc.describe()} already holds a different layout "
-                               f"({_layout_difference(existing, raw)}); use another output URI")
-        else:
-            write_bytes_atomic(loc, raw.to_json().encode())
-        return cls(uri, raw)
-
-    # ------------------------------------------------------------------ members
-    def member_file(self, task_id: str, member_id: str) -> str:
-        return f"blocks/task={_safe_key(task_id, 'task_id')}/member={_safe_key(member_id, 'member_id')}.parquet"
-
-    def done_members(self, verify: bool = True) -> set[str]:
-        """Members a resume may skip: a readable manifest entry, and a blocks file that is present
-        and (``verify``) passes :meth:`Zoo.verify` (checksum, footer, row count).  A member whose
-        entry or file is corrupt is not done: the resume rebuilds it, and only it."""
-        try:
-            zoo = open_zoo(self.uri)
-        except ZooError:
-            if not exists(self.root.join(LAYOUT_FILE)):
-                return set()
-            raise
-        done = set(zoo.members.column("member_id").to_pylist())
-        if verify and done:
-            bad = zoo.verify("checksum")
-            for b in bad:
-                log.warning("zoo %s: member %s will be rebuilt: %s", zoo.root.describe(), b.member_id, b.problem)
-            done -= {b.member_id for b in bad}
-        return done
-
-    def build_table(self, member_id: str, task_id: str, condition: str, seed: int,
-                    checkpoints: Sequence[CheckpointRecord]) -> pa.Table:
-        L = self.layout
-        if not checkpoints:
-            raise ZooError(f"member {member_id}: no checkpoints to write")
-        C, nb, bs = len(checkpoints), L.num_blocks, L.block_size
-        flat = np.empty(C * nb * bs, dtype=np.float32)
-        for ci, ck in enumerate(checkpoints):
-            if ck.blocks is not None:
-                b = ck.blocks.detach().to(torch.float32)
-                if tuple(b.shape) != (L.num_blocks, L.block_size):
-                    raise ZooError(f"member {member_id} checkpoint {ck.step}: blocks shape {tuple(b.shape)} "
-                                   f"!= layout ({L.num_blocks}, {L.block_size})")
-            elif ck.state_dict is not None:
-                try:
-                    b = L.tokenize(ck.state_dict)
-                except LayoutError as exc:
-                    raise ZooError(f"member {member_id} checkpoint {ck.step}: {exc}") from exc
-            else:
-                raise ZooError(f"member {member_id} checkpoint {ck.step}: neither state_dict nor blocks")
-            if not bool(torch.isfinite(b).all()):
-                bad = int((~torch.isfinite(b)).any(dim=1).nonzero()[0, 0])
-                raise ZooError(f"member {member_id} checkpoint {ck.step}: NaN/Inf weights (first in block {bad}); "
-                               "not written")
-            flat[ci * nb * bs:(ci + 1) * nb * bs] = b.numpy().reshape(-1)
-        n = C * nb
-        steps = np.repeat(np.asarray([int(ck.step) for ck in checkpoints], dtype=np.int32), nb)
-        bg = L.block_group.numpy().astype(np.int32)
-        const = lambda v, t: pa.repeat(pa.scalar(v, t), n)
-        return pa.Table.from_arrays([
-            const(self.zoo_name, pa.string()),
-            const(task_id, pa.string()),
-            const(condition, pa.string()),
-            const(member_id, pa.string()),
-            const(int(seed), pa.int64()),
-            pa.array(steps),
-            pa.array(np.tile(bg, C)),
-            pa.array(np.tile(np.arange(nb, dtype=np.int32), C)),
-            pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), bs),
-        ], schema=block_schema(bs))
-
-    def write_member(self, member_id: str, task_id: str, condition: str, seed: int,
-                     checkpoints: Sequence[CheckpointRecord], hparams: Mapping[str, Any] | None = None) -> dict:
-        """Write a member's blocks file, then its manifest entry. Re-running overwrites both."""
-        rel = self.member_file(task_id, member_id)
-        table = self.build_table(member_id, task_id, condition, seed, checkpoints)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        data = sink.getvalue()
-        write_bytes_atomic(self.root.join(rel), data)
-        entry = {
-            "format_version": MANIFEST_VERSION,
-            "member_id": member_id, "task_id": task_id, "condition": condition, "seed": int(seed),
-            "checkpoints": [int(c.step) for c in checkpoints],
-            "metrics": [dict(c.metrics) for c in checkpoints],
-            "hparams": dict(hparams or {}),
-            "file": rel, "num_rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(),
-            "size": data.size, "written_at": time.time(),
-        }
-        write_bytes_atomic(self.root.join("members", f"{member_id}.json"),
-                           json.dumps(entry, default=float).encode())
-        # a success supersedes an earlier recorded failure
-        delete(self.root.join("failures", f"{member_id}.json"))
-        return entry
-
-    def record_failure(self, member_id: str, task_id: str, error: str, attempts: int = 1) -> None:
-        _safe_key(member_id, "member_id")
-        entry = {"member_id": member_id, "task_id": task_id, "error": error, "attempts": attempts,
-                 "failed_at": time.time()}
-        write_bytes_atomic(self.root.join("failures", f"{member_id}.json"), json.dumps(entry).encode())
-
-    def consolidate(self) -> int:
-        """Fold every manifest entry into a new snapshot; returns the new manifest version."""
-        zoo = open_zoo(self.uri)
-        return zoo._publish(zoo._rows, zoo._entry_mtimes)
-
-
-# ---------------------------------------------------------------------- reading
 def _entry_to_row(e: Mapping) -> dict:
     return {
         "member_id": e["member_id"], "task_id": e["task_id"], "condition": e.get("condition", ""),
@@ -357,7 +86,6 @@ class _FileReader:
             path = posixpath.join(self.root_path, rel)
             t = _read_parquet(self.fs, path, describe=path)
             if keep is not None and len(keep):
-                import pyarrow.compute as pc
                 t = t.filter(pc.is_in(t.column("member_id"), pa.array(list(keep), pa.string())))
             tables.append(t)
         t = pa.concat_tables(tables)
@@ -430,6 +158,10 @@ class Zoo:
                 return r
         raise ZooError(f"member {member_id!r} is not in the zoo at {self.root.describe()}")
 
+    def file_of(self, member_id: str) -> str:
+        """The file holding the member's blocks, relative to the zoo root (``blocks/...`` or ``compacted/...``)."""
+        return self._row(member_id)["file"]
+
     @property
     def files(self) -> list[tuple[str, list[str] | None]]:
         """Explicit (relative file, member filter) list: the plan for every read."""
@@ -495,7 +227,7 @@ class Zoo:
     def dataset(self, unit: str = "block", columns: Sequence[str] | None = None, files_per_task: int = 1):
         """A streaming ``ray.data.Dataset`` of block rows (or whole checkpoints), planned from the
         manifest's file list (no listing, no per-file metadata requests at plan time)."""
-        import ray.data
+        import ray.data       # heavy (seconds); only readers that stream the table through Ray Data need it
 
         if unit not in ("block", "checkpoint"):
             raise ValueError(f"unit must be 'block' or 'checkpoint', got {unit!r}")
@@ -513,7 +245,6 @@ class Zoo:
             columns = list(dict.fromkeys([*columns, "member_id"]))
         t = _read_parquet(self.root.fs, path, columns=columns, describe=self.root.join(r["file"]).describe())
         if r["file"].startswith("compacted/"):
-            import pyarrow.compute as pc
             t = t.filter(pc.equal(t.column("member_id"), r["member_id"]))
         return t
 
@@ -696,58 +427,3 @@ def compact_zoo(uri: str, target_rows: int = 1_000_000) -> int:
     return open_zoo(uri).compact(target_rows)
 
 
-# ---------------------------------------------------------------------- small CLIs
-@job_main
-def info_main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="rayweights zoo-info", description="print a zoo's layout and members")
-    p.add_argument("uri")
-    p.add_argument("--members", type=int, default=10, help="how many member rows to print")
-    p.add_argument("--verify", action="store_true",
-                   help="check every live file (footer, row count, size, sha256) against the manifest; "
-                        "exit 1 naming the bad members if any")
-    a = p.parse_args(argv)
-    zoo = open_zoo(a.uri)
-    print(zoo.layout.describe())
-    print(f"\n{len(zoo)} members, {zoo.failures.num_rows} failed, {len(zoo.files)} files, manifest v{zoo.version}")
-    if len(zoo):
-        print(zoo.members.select(["member_id", "task_id", "condition", "seed", "checkpoints", "file"])
-              .slice(0, a.members).to_pandas().to_string(index=False))
-    if zoo.failures.num_rows:
-        print("\nfailures:")
-        for f in zoo.failure_entries[: a.members]:
-            print(f"  {f['member_id']}: {str(f.get('error', '')).strip().splitlines()[-1:]}")
-    if zoo.corrupt_entries:
-        print(f"\n{len(zoo.corrupt_entries)} corrupt manifest entr{'y' if len(zoo.corrupt_entries) == 1 else 'ies'} "
-              "(left out; a build resume rebuilds them):")
-        for mid, why in sorted(zoo.corrupt_entries.items()):
-            print(f"  {mid}: members/{mid}.json: {why}")
-    if not a.verify:
-        return 0
-    bad = zoo.verify("checksum")
-    if not bad and not zoo.corrupt_entries and not zoo.missing:
-        print(f"\nverify: all {len(zoo)} members' files match the manifest (footer, rows, size, sha256)")
-        return 0
-    print(f"\nverify: {len(bad) + len(zoo.corrupt_entries) + len(zoo.missing)} bad member(s):")
-    for b in bad:
-        print(f"  {b}")
-    for mid in zoo.missing:
-        print(f"  {mid}: blocks file missing")
-    names = sorted({b.member_id for b in bad} | set(zoo.corrupt_entries) | set(zoo.missing))
-    print(f"error: zoo {zoo.root.describe()}: {len(names)} bad member(s): {', '.join(names[:20])}"
-          f"{' ...' if len(names) > 20 else ''}", file=os.sys.stderr)
-    return 1
-
-
-@job_main
-def compact_main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="rayweights compact", description="compact a zoo's member files")
-    p.add_argument("uri")
-    p.add_argument("--target-rows", type=int, default=1_000_000)
-    a = p.parse_args(argv)
-    v = compact_zoo(a.uri, a.target_rows)
-    print(f"compacted {a.uri}: manifest v{v}")
-    return 0
