@@ -37,9 +37,16 @@ class MultiNodeCluster:
         saved = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), saved) if p)
         try:
-            self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-                "num_cpus": 0, "gcs_server_port": _free_port(), "temp_dir": self.tmpdir, "include_dashboard": False,
-                "resources": dict(head_resources or {}), "object_store_memory": 100 * 1024 * 1024})
+            for tries in range(2):        # a loaded machine can miss the head's start-up deadline once
+                try:
+                    self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+                        "num_cpus": 0, "gcs_server_port": _free_port(), "temp_dir": self.tmpdir,
+                        "include_dashboard": False, "resources": dict(head_resources or {}),
+                        "object_store_memory": 100 * 1024 * 1024})
+                    break
+                except Exception:  # noqa: BLE001
+                    if tries:
+                        raise
             self.workers = [self.add_node() for _ in range(workers)]
         finally:
             if saved is None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import time
 from pathlib import Path
 
@@ -82,3 +81,59 @@ def test_zoo_build_survives_node_loss_exactly_once(cluster, tmp_path):
     assert not list((zoo / "_attempts").glob("*/*.json"))                       # markers cleared
     print(f"\nzoo node loss: {planned} planned, {len(entries)} entries, {len(lost)} retried after node loss; "
           f"killed at {killed_at - t0:.0f} s, wall {time.monotonic() - t0:.0f} s")
+
+
+PDIFF = ROOT / "jobs" / "configs" / "pdiff_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def train_cluster():
+    """Head (0 CPUs) + two 3-CPU worker nodes: a 2-CPU training worker per node leaves each node a CPU
+    for Ray Data's reads (without it training waits at step 0)."""
+    c = MultiNodeCluster(workers=2, worker_args={"num_cpus": 3}, head_resources={"head": 1})
+    try:
+        yield c
+    finally:
+        c.shutdown()
+
+
+def test_training_survives_node_loss(train_cluster, tmp_path):
+    """Two Ray Train workers (DeepSpeed ZeRO-2) on two nodes; one node dies after the first checkpoint:
+    the run restarts from that checkpoint on the survivor and the replacement and ends at the planned
+    step with the planned checkpoints; the driver exits by itself."""
+    from rayweights.config import load_config
+    from rayweights.zoo import ZooSpec, build_zoo
+
+    spec = load_config(ZooSpec, TINY, ["max_tasks=3", "members_per_task=2", "hparams.epochs=[3,3]",
+                                       f"output={tmp_path / 'zoo'}"])
+    assert build_zoo(spec, use_ray=False, progress=False).done == 6
+    run = tmp_path / "runs" / "pdiff-tiny"
+    t0 = time.monotonic()
+    job = train_cluster.run_job([
+        "jobs/train_generator.py", "--config", str(PDIFF), "--set", f"zoo={tmp_path / 'zoo'}",
+        "--set", f"storage={tmp_path / 'runs'}", "--set", "num_workers=2", "--set", "cpus_per_worker=2",
+        "--set", "zero_stage=2", "--set", "max_failures=2", "--set", "only_stages=[autoencoder]",
+        "--set", "stages.autoencoder.steps=60", "--set", "checkpoint_every=20", "--set", "batch_size=4",
+        "--set", "log_every=5"])
+    try:
+        wait_for(lambda: list((run / "autoencoder").glob("checkpoint-00000020/*")), 480, "the first checkpoint")
+        victim = train_cluster.workers[0]
+        train_cluster.kill_node(victim)
+        killed_at = time.monotonic()
+        train_cluster.workers = [w for w in train_cluster.workers if w is not victim] + [train_cluster.add_node()]
+        rc = job.wait(timeout=540)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    out = Path(job.log_path).read_text()
+    assert rc == 0, out[-3000:]
+    ckpts = sorted(p.name for p in (run / "autoencoder").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-00000020", "checkpoint-00000040", "checkpoint-00000060"], ckpts
+    done = json.loads((run / "stages" / "autoencoder" / "done.json").read_text())
+    assert done["steps"] == 60 and done["failures"] >= 1, done
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    fail_at = next(i for i, r in enumerate(log) if r.get("event") == "worker_failure")
+    after = [r["step"] for r in log[fail_at + 1:] if "step" in r]
+    assert after and after[0] > 20 and after[-1] == 60, after      # resumed from step 20, not from scratch
+    print(f"\ntraining node loss: killed at {killed_at - t0:.0f} s, {done['failures']} failure(s), "
+          f"resumed at step {after[0]}, exit {time.monotonic() - killed_at:.0f} s after the kill")
