@@ -37,7 +37,7 @@ class MultiNodeCluster:
         saved = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), saved) if p)
         try:
-            for tries in range(2):        # a loaded machine can miss the head's start-up deadline once
+            for tries in range(4):        # a loaded machine can miss Ray's 30 s start-up deadline of a node
                 try:
                     self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
                         "num_cpus": 0, "gcs_server_port": _free_port(), "temp_dir": self.tmpdir,
@@ -45,8 +45,9 @@ class MultiNodeCluster:
                         "object_store_memory": 100 * 1024 * 1024})
                     break
                 except Exception:  # noqa: BLE001
-                    if tries:
+                    if tries == 3:
                         raise
+                    time.sleep(5)
             self.workers = [self.add_node() for _ in range(workers)]
         finally:
             if saved is None:
@@ -61,8 +62,13 @@ class MultiNodeCluster:
         return self.cluster.address
 
     def add_node(self, **args):
-        node = self.cluster.add_node(**{**self.worker_args, "object_store_memory": 100 * 1024 * 1024, **args})
-        return node
+        for tries in range(4):
+            try:
+                return self.cluster.add_node(**{**self.worker_args, "object_store_memory": 100 * 1024 * 1024, **args})
+            except Exception:  # noqa: BLE001 - Ray's 30 s start-up deadline, missed on a loaded machine
+                if tries == 3:
+                    raise
+                time.sleep(5)
 
     def node_of(self, node_id: str):
         for n in self.cluster.worker_nodes:

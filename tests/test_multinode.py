@@ -97,6 +97,7 @@ def train_cluster():
         c.shutdown()
 
 
+@pytest.mark.timeout(1800)
 def test_training_survives_node_loss(train_cluster, tmp_path):
     """Two Ray Train workers (DeepSpeed ZeRO-2) on two nodes; one node dies after the first checkpoint:
     the run restarts from that checkpoint on the survivor and the replacement and ends at the planned
@@ -116,12 +117,12 @@ def test_training_survives_node_loss(train_cluster, tmp_path):
         "--set", "stages.autoencoder.steps=60", "--set", "checkpoint_every=20", "--set", "batch_size=4",
         "--set", "log_every=5"])
     try:
-        wait_for(lambda: list((run / "autoencoder").glob("checkpoint-00000020/*")), 480, "the first checkpoint")
+        wait_for(lambda: list((run / "autoencoder").glob("checkpoint-00000020/*")), 900, "the first checkpoint")
         victim = train_cluster.workers[0]
         train_cluster.kill_node(victim)
         killed_at = time.monotonic()
         train_cluster.workers = [w for w in train_cluster.workers if w is not victim] + [train_cluster.add_node()]
-        rc = job.wait(timeout=540)
+        rc = job.wait(timeout=600)
     finally:
         if job.poll() is None:
             job.kill()
