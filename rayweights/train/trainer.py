@@ -40,6 +40,7 @@ __all__ = ["train_generator", "preflight", "TrainError", "TrainFailed", "TrainRe
 
 log = logging.getLogger(__name__)
 
+WORKER_HEALTH_CHECK_TIMEOUT_S = 60      # RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S unless the environment sets it
 
 
 class TrainError(UserError, RuntimeError):
@@ -270,7 +271,18 @@ def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> di
     resources = {"CPU": cfg.cpus_per_worker}
     if gpu:
         resources["GPU"] = 1
-    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    # Placement on a cluster whose worker nodes may vanish: everything the run depends on besides its
+    # workers lives on the driver's node (Ray pins the Train controller and the data split coordinator
+    # there; the progress queue is pinned here), so losing a worker node costs only workers, which
+    # FailureConfig restarts from the latest checkpoint.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    # A worker whose node is gone does not answer the controller's health check; Ray Train waits 10 min
+    # by default before it counts that as a failure. A live worker answers at once (its actor does, not
+    # its training thread): a minute is ample. Ray propagates the variable to the controller.
+    os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", str(WORKER_HEALTH_CHECK_TIMEOUT_S))
     records_stage: list = []
     drain = _Drain(queue, stage, sc["steps"], show_progress, records_stage)
     trainer = TorchTrainer(

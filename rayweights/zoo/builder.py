@@ -14,6 +14,15 @@
    retried ``max_retries`` times (Ray also restarts crashed actors), then recorded in
    ``failures/`` with its traceback: never silently dropped, never half visible;
 5. the manifest is consolidated and a :class:`BuildSummary` returned.
+
+Attempts are counted across processes and nodes: each attempt of a member first writes a marker
+``_attempts/<member_id>/<token>.json`` (node, process, start time) and closes it with its outcome.
+An attempt whose process died (its actor was killed, or its node was lost) leaves an open marker;
+the next attempt, wherever Ray Data retries the member, counts it as a lost attempt and names why
+(``node lost`` when the marker's node is no longer alive in the cluster, else ``worker lost``).
+The member's manifest entry records ``attempts`` (all of them, lost ones included) and
+``lost_attempts``; the markers are deleted once the member is written.  The summary says how many
+members were retried and why.
 """
 
 from __future__ import annotations
@@ -21,8 +30,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
+import socket
 import time
 import traceback
+import uuid
 import zlib
 from dataclasses import dataclass, field
 
@@ -30,6 +42,7 @@ from ..blocks import LayoutError, WeightLayout
 from ..config import from_dict, to_dict
 from ..errors import check_id
 from ..runtime import worker_env
+from ..storage import delete, list_files, read_bytes, write_bytes_atomic
 from ..table import CheckpointRecord, ZooError, ZooWriter
 from . import families
 from .families import Task, get_family
@@ -54,6 +67,8 @@ class BuildSummary:
     score_mean: float = float("nan")
     shared: dict = field(default_factory=dict)
     member_seconds: list[float] = field(default_factory=list)   # train+write time of each member this run
+    retried: int = 0                # members (done or failed this run) that needed more than one attempt
+    retry_reasons: dict = field(default_factory=dict)   # why attempts were repeated -> count of attempts
 
     @property
     def members_per_hour(self) -> float:
@@ -64,6 +79,9 @@ class BuildSummary:
              f"of {self.planned} planned in {self.wall_seconds:.1f} s ({self.members_per_hour:.0f} members/h)")
         if self.done and self.score_metric:
             s += f"; mean last-checkpoint {self.score_metric} {self.score_mean:.3f}"
+        if self.retried:
+            why = ", ".join(f"{n} {k}" for k, n in sorted(self.retry_reasons.items()))
+            s += f"; {self.retried} member(s) retried ({why})"
         return s
 
 
@@ -141,8 +159,83 @@ def _injected_failures(spec: ZooSpec, member_id: str) -> int:
     return 0
 
 
+def _where() -> dict:
+    """The node and process an attempt runs in (the node id only under Ray)."""
+    node = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - accounting must never fail a member
+        pass
+    return {"node": node, "pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _dead_nodes(node_ids: set[str]) -> set[str]:
+    """Which of ``node_ids`` the cluster no longer counts alive (empty outside Ray or on any error)."""
+    try:
+        import ray
+
+        if not node_ids or not ray.is_initialized():
+            return set()
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        return {n for n in node_ids if n and n not in alive}
+    except Exception:  # noqa: BLE001
+        return set()
+
+
+class _Attempts:
+    """The attempt markers of one member: ``_attempts/<member_id>/<token>.json``."""
+
+    def __init__(self, writer: ZooWriter, member_id: str):
+        self.dir = writer.root.join("_attempts", member_id)
+        self.mine: list = []
+        self.earlier: list[dict] = []
+
+    def load_earlier(self) -> list[dict]:
+        """Markers of attempts made before this process's first one; an open one (no ``outcome``)
+        belonged to a process that died.  Adds ``reason`` to each open one."""
+        out = []
+        for info in list_files(self.dir, ".json"):
+            try:
+                out.append(json.loads(read_bytes(self.dir.join(posixpath.basename(info.path)))))
+            except Exception:  # noqa: BLE001 - a torn marker still counts as an attempt
+                out.append({"outcome": None, "node": "", "started": 0.0})
+        dead = _dead_nodes({m.get("node", "") for m in out if m.get("outcome") is None})
+        for m in out:
+            if m.get("outcome") is None:
+                m["reason"] = "node lost" if m.get("node") in dead else "worker lost"
+            else:
+                m["reason"] = "rebuilt" if str(m["outcome"]).startswith("done") else "error"
+        self.earlier = sorted(out, key=lambda m: m.get("started", 0.0))
+        return self.earlier
+
+    def open(self) -> None:
+        token = uuid.uuid4().hex[:12]
+        loc = self.dir.join(f"{token}.json")
+        self.mine.append((loc, {"started": time.time(), **_where(), "outcome": None}))
+        write_bytes_atomic(loc, json.dumps(self.mine[-1][1]).encode())
+
+    def close(self, outcome: str) -> None:
+        loc, m = self.mine[-1]
+        write_bytes_atomic(loc, json.dumps({**m, "outcome": outcome[-300:]}).encode())
+
+    def clear(self) -> None:
+        for info in list_files(self.dir, ".json"):
+            delete(self.dir.join(posixpath.basename(info.path)))
+        if not self.dir.is_s3:
+            try:
+                os.rmdir(self.dir.path)
+            except OSError:
+                pass
+
+
 def train_and_write(spec: ZooSpec, writer: ZooWriter, row: dict, device: str | None = None) -> dict:
-    """Train one member with retries; write it, or record its failure. Never raises."""
+    """Train one member with retries; write it, or record its failure. Never raises.
+
+    ``attempts`` counts every attempt of the member, also those of processes that died (read from
+    the attempt markers), and ``retry_reasons`` says why earlier ones did not finish."""
     fam = get_family(spec.family)
     task = _row_task(row)
     hp = families.draw_hparams(spec.hparams, row["seed"])
@@ -151,34 +244,60 @@ def train_and_write(spec: ZooSpec, writer: ZooWriter, row: dict, device: str | N
     inject = _injected_failures(spec, row["member_id"])
     err = ""
     t0 = time.perf_counter()
-    attempts = spec.max_retries + 1
+    marks = _Attempts(writer, row["member_id"])
+    earlier = marks.load_earlier()
+    reasons = [m["reason"] for m in earlier]
+    lost = sum(r != "error" for r in reasons)
+    if lost:
+        log.warning("member %s: %d earlier attempt(s) lost (%s); retrying here", row["member_id"], lost,
+                    ", ".join(r for r in reasons if r != "error"))
+    attempts = spec.max_retries + 1           # this process's own tries; lost ones do not use them up
+
+    def result(status: str, error: str, score: float) -> dict:
+        return {"member_id": row["member_id"], "status": status, "attempts": len(earlier) + len(marks.mine),
+                "seconds": time.perf_counter() - t0, "error": error, "score": score,
+                "retry_reasons": ",".join(reasons)}
+
     for attempt in range(1, attempts + 1):
         try:
+            marks.open()
             if attempt <= inject:
                 raise RuntimeError(f"injected failure for {row['member_id']} (fail_members, attempt {attempt})")
             kept = fam.train_member(spec, task, row["seed"], hp, select_names, device)
+            total = len(earlier) + len(marks.mine)
             writer.write_member(row["member_id"], row["task_id"], row["condition"], row["seed"],
                                 [CheckpointRecord(step=s, state_dict=sd, metrics=m) for s, sd, m in kept],
-                                hparams={**hp, "architecture": spec.architecture, "attempts": attempt,
+                                hparams={**hp, "architecture": spec.architecture, "attempts": total,
+                                         "lost_attempts": lost, "retry_reasons": ",".join(reasons),
                                          "device": device})
-            return {"member_id": row["member_id"], "status": "done", "attempts": attempt,
-                    "seconds": time.perf_counter() - t0, "error": "",
-                    "score": float(kept[-1][2].get(fam.score_metric, float("nan")))}
+            try:
+                marks.close("done")
+                marks.clear()
+            except Exception:  # noqa: BLE001 - the member is written; a stale marker is only clutter
+                log.warning("member %s: could not clear its attempt markers", row["member_id"])
+            return result("done", "", float(kept[-1][2].get(fam.score_metric, float("nan"))))
         except Exception:  # noqa: BLE001 - retried, then recorded: never silently dropped
             err = traceback.format_exc()
-            log.warning("member %s attempt %d/%d failed: %s", row["member_id"], attempt, attempts,
-                        err.strip().splitlines()[-1])
+            last = err.strip().splitlines()[-1]
+            log.warning("member %s attempt %d/%d failed: %s", row["member_id"], attempt, attempts, last)
+            try:
+                if marks.mine:
+                    marks.close("error: " + last)
+            except Exception:  # noqa: BLE001
+                pass
+            reasons.append("error")
             if attempt < attempts:
                 time.sleep(min(0.2 * 2 ** attempt, 5.0))
+    reasons.pop()                             # the last error is the failure itself, not a retry reason
+    total = len(earlier) + len(marks.mine)
     try:
-        writer.record_failure(row["member_id"], row["task_id"], err, attempts=attempts)
+        writer.record_failure(row["member_id"], row["task_id"], err, attempts=total)
     except Exception:  # noqa: BLE001 - the storage itself is failing; the summary still reports it
         err += "\n(recording the failure also failed: " + traceback.format_exc().strip().splitlines()[-1] + ")"
-    return {"member_id": row["member_id"], "status": "failed", "attempts": attempts,
-            "seconds": time.perf_counter() - t0, "error": err.strip().splitlines()[-1], "score": float("nan")}
+    return result("failed", err.strip().splitlines()[-1], float("nan"))
 
 
-_RESULT_KEYS = ("member_id", "status", "attempts", "seconds", "error", "score")
+_RESULT_KEYS = ("member_id", "status", "attempts", "seconds", "error", "score", "retry_reasons")
 
 
 class _MemberTrainer:
@@ -250,7 +369,7 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, p
     """Build (or resume) the zoo described by ``spec``; returns the summary."""
     from tqdm import tqdm
 
-    from ..storage import join, resolve, write_bytes_atomic
+    from ..storage import join, resolve
 
     writer, rows, held_out = prepare(spec)
     write_bytes_atomic(resolve(join(spec.output, "zoo_spec.json")), json.dumps(
@@ -304,9 +423,14 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, p
     bar.close()
     writer.consolidate()
     failed = [r for r in results if r["status"] == "failed"]
+    reasons: dict[str, int] = {}
+    for r in results:
+        for why in filter(None, str(r.get("retry_reasons", "")).split(",")):
+            reasons[why] = reasons.get(why, 0) + 1
     scores = [r["score"] for r in results if r["status"] == "done" and r["score"] == r["score"]]
     return BuildSummary(spec.output, len(rows), len(results) - len(failed), skipped, len(failed),
                         time.perf_counter() - t0, [(r["member_id"], r["error"]) for r in failed],
                         held_out=len(held_out), score_metric=fam.score_metric,
                         score_mean=sum(scores) / len(scores) if scores else float("nan"), shared=shared or {},
-                        member_seconds=[float(r["seconds"]) for r in results])
+                        member_seconds=[float(r["seconds"]) for r in results],
+                        retried=sum(int(r["attempts"]) > 1 for r in results), retry_reasons=reasons)
