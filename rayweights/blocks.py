@@ -22,6 +22,9 @@ Tokenize -> detokenize is bit-exact for float32, float16 and bfloat16 (every suc
 representable in float32).  Per-group normalisation (mean/std fitted over a zoo) is kept in the
 layout and applied/undone on block tensors with :meth:`WeightLayout.normalize` /
 :meth:`WeightLayout.denormalize`; padding stays exactly zero.
+
+One module (~540 lines): the grouping rules, the tokenizer and the normalisation share the layout's
+index maps and its JSON form (``layout.json``, a stored format) and change together.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ speed-ups; best/avg/median over the N samples at epoch 0 (also for their nearest
 memorisation (p-diff): IoU of wrong predictions between each sample and its most similar zoo member
 vs the zoo's own pairwise IoU, and the nearest-neighbour L2 distance in weight space from each
 sample to the zoo vs the zoo members' distance to their nearest other member.
+
+One module (~450 lines): the candidates, the fine-tuning protocol and the statistics over them are
+one comparison protocol; report.py formats it and adapters.py/families.py supply the tasks.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ sample diversity comparable to the zoo's (0 = collapsed; equal NN distance 0 = r
 
 ``rayweights diagnose-generator EXPORT ZOO [--num-samples N] [--output URI]`` runs it for any export
 that :func:`rayweights.sampling.load_sampler` can open.
+
+One module (~430 lines): the statistics, the verdict thresholds and the report of one diagnosis.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import from_dict, to_dict
+from ..device import torch_device
 from ..runtime import ray_init
 from ..storage import exists, join, read_bytes, resolve, write_bytes_atomic
 from .build import collect_learngene, init_from_learngene, materialize, sigma_phase_parameters
@@ -60,11 +61,10 @@ def build_task(cfg: LearngeneConfig, family: ModelFamily) -> LearngeneTask:
 
 
 def _device(spec: str) -> torch.device:
-    if spec == "cuda" or (spec == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise LearngeneError("device: cuda requested but no CUDA device is visible")
-        return torch.device("cuda")
-    return torch.device("cpu")
+    try:
+        return torch_device(spec)
+    except ValueError as exc:
+        raise LearngeneError(str(exc)) from None
 
 
 def _num_params(model: nn.Module) -> int:

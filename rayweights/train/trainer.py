@@ -14,6 +14,9 @@ Stages run in order as separate Ray Train runs named after the stage.  Re-runnin
 (same ``run_name``) skips finished stages and resumes an unfinished one from its latest checkpoint
 (Ray Train restores the run from storage); within a run ``FailureConfig(max_failures)`` restarts
 the worker group from the latest checkpoint after a worker dies.
+
+One module (~430 lines): preflight, the per-stage Ray Train run and its resume/skip rules are one
+contract with the worker's checkpoint format (``worker.py``); the loop itself lives in the worker.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ the next attempt, wherever Ray Data retries the member, counts it as a lost atte
 The member's manifest entry records ``attempts`` (all of them, lost ones included) and
 ``lost_attempts``; the markers are deleted once the member is written.  The summary says how many
 members were retried and why.
+
+One module (~440 lines): planning, the actor pool, attempt accounting and the manifest commit are
+the exactly-once contract of a build and change together.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ edited images made by diffusion editors (InstructPix2Pix, SD img2img, ...).  Her
   source images with the prompt (paper A.1 settings by default).
 
 Images are float32 tensors ``[N, 3, H, W]`` in ``[0, 1]``.
+
+One module (~420 lines): the operations, the concept vocabulary built from them and the two editors
+share the concept key format and change together.
 """
 
 from __future__ import annotations
