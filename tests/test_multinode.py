@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import time
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def train_cluster():
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.skipif(os.environ.get("RAYWEIGHTS_MULTINODE_TRAINING") != "1",
+                    reason="8-15 min on a 2-core machine: run with RAYWEIGHTS_MULTINODE_TRAINING=1 (docs/distributed.md)")
 def test_training_survives_node_loss(train_cluster, tmp_path):
     """Two Ray Train workers (DeepSpeed ZeRO-2) on two nodes; one node dies after the first checkpoint:
     the run restarts from that checkpoint on the survivor and the replacement and ends at the planned
