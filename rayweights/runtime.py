@@ -33,7 +33,7 @@ def ray_init(address: str | None = None, num_cpus: int | None = None, quiet: boo
     The package's own directory is shipped to local workers through ``PYTHONPATH`` so that jobs
     run from a source checkout work without an install.
     """
-    import ray
+    import ray                     # only where Ray starts: configs and checks stay free of its import cost
 
     if ray.is_initialized():
         return

@@ -43,7 +43,7 @@ _S3FS_CACHE: dict = {}
 
 def _s3fs():
     """An s3fs filesystem (boto-based) for object writes: one PutObject below 50 MB."""
-    import s3fs
+    import s3fs                    # only for s3:// writes (boto is slow to import)
 
     key = (s3_endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"))
     if key not in _S3FS_CACHE:

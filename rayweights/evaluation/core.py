@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..blocks import LayoutError, WeightLayout
 from ..table import Zoo, open_zoo
@@ -293,8 +294,6 @@ def score_samples(adapter: TaskAdapter, sampler: WeightSampler, n: int, seed: in
 def evaluate_task(adapter: TaskAdapter, sampler: WeightSampler, reference: ZooReference,
                   options: EvalOptions | None = None, show_progress: bool = True) -> TaskResult:
     """Run the whole comparison for one task (see the module doc)."""
-    from tqdm.auto import tqdm
-
     opt = options or EvalOptions()
     L = reference.layout
     if not sampler.layout.same_structure(L):

@@ -27,6 +27,7 @@ One module (~430 lines): the statistics, the verdict thresholds and the report o
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -38,6 +39,9 @@ import torch
 from ..blocks import WeightLayout
 from ..errors import UserError, expected, job_main
 from ..fmt import cell
+from ..sampling import load_sampler
+from ..storage import resolve, write_bytes_atomic
+from ..table import open_zoo
 
 __all__ = ["nn_distances", "group_stats", "invalid_fraction", "diversity", "diagnose", "Diagnosis", "GroupCheck",
            "flat_weights", "zoo_weights", "main"]
@@ -379,8 +383,6 @@ def diagnose(samples, zoo, layout: WeightLayout | None = None, reconstructions=N
 @job_main
 def main(argv: Sequence[str] | None = None) -> int:
     """``rayweights diagnose-generator EXPORT ZOO [--num-samples N] [--output URI]``."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="rayweights diagnose-generator",
                                 description="samples of a generator vs its zoo: NN distances, reconstruction, "
                                             "per-tensor statistics, invalid weights, diversity")
@@ -396,10 +398,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--output", default=None, help="folder / URI for diagnosis.json and diagnosis.md")
     a = p.parse_args(argv)
-    from ..sampling import load_sampler
-    from ..storage import resolve, write_bytes_atomic
-    from ..table import open_zoo
-
     if a.num_samples < 1:
         raise UserError("--num-samples: must be >= 1")
     with expected(ValueError):       # storage, zoo and sampler errors are UserErrors already

@@ -64,7 +64,7 @@ class _Inception(nn.Module):
         path = os.path.join(folder, INCEPTION_FILE)
         if not os.path.isfile(path):
             raise FIDError(f"feature_extractor: {path} not found (put clean-fid's {INCEPTION_FILE} there)")
-        from cleanfid.inception_torchscript import InceptionV3W
+        from cleanfid.inception_torchscript import InceptionV3W   # clean-fid: only for the Inception extractor
 
         self.model = InceptionV3W(folder, download=False, resize_inside=False).eval()
 
@@ -85,7 +85,7 @@ def build_feature_extractor(spec: str, device: torch.device | str = "cpu") -> tu
         except ValueError:
             raise FIDError(f"feature_extractor: {spec!r}: 'small:<dim>' needs an integer dim") from None
         model = SmallFeatureExtractor(dim)
-        from cleanfid.resize import make_resizer
+        from cleanfid.resize import make_resizer   # clean-fid: imported where a score is computed
 
         resize = make_resizer("PIL", False, "bicubic", (64, 64))
     elif kind == "inception":
@@ -108,7 +108,7 @@ def build_feature_extractor(spec: str, device: torch.device | str = "cpu") -> tu
 def save_images(images: torch.Tensor | np.ndarray, folder: str, prefix: str = "img") -> list[str]:
     """Write a batch of images as PNGs. Accepts uint8 [N, H, W, 3] / [N, 3, H, W] or float in [-1, 1]
     ([N, 3, H, W], the usual generator output) or [0, 1] (when ``images.min() >= 0``)."""
-    from PIL import Image
+    from PIL import Image          # only where images are written
 
     x = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
     if x.ndim != 4:
@@ -134,7 +134,7 @@ def compute_fid(dir_a: str, dir_b: str, feature_extractor: str | nn.Module | tup
                 device: torch.device | str = "cpu", batch_size: int = 32) -> float:
     """Clean-FID between two image folders with the given extractor: a spec string, a module (clean-fid's
     299x299 resize), or the ``(module, resize fn)`` pair :func:`build_feature_extractor` returns."""
-    from cleanfid import fid
+    from cleanfid import fid       # clean-fid: imported where a score is computed
 
     for d in (dir_a, dir_b):
         if not os.path.isdir(d) or not any(f.lower().endswith((".png", ".jpg", ".jpeg")) for f in os.listdir(d)):

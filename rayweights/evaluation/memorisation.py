@@ -210,7 +210,7 @@ class MemorisationResult:
 
     def plot(self, path: str) -> str:
         """Accuracy vs novelty scatter: one panel per generated method, baselines and zoo in each."""
-        import matplotlib
+        import matplotlib         # the plotting backend is chosen only where a plot is made
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -128,7 +128,7 @@ def render_markdown(results: Sequence[TaskResult], header: Mapping[str, Any] | N
 
 
 def _plt():
-    import matplotlib
+    import matplotlib             # the plotting backend is chosen only where a plot is made
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -119,8 +120,6 @@ class BlockUNet1D(ModelMixin, ConfigMixin):
         else:
             return layer(h)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 

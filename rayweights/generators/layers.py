@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
 
 def norm_groups(channels: int, max_groups: int = 32) -> int:
     """The largest group count <= max_groups that divides ``channels``."""
@@ -118,7 +120,5 @@ class Upsample1D(nn.Module):
 
 def timestep_embedding_modules(base_channels: int, emb_dim: int):
     """diffusers' sinusoidal ``Timesteps`` + ``TimestepEmbedding`` MLP -> ``emb_t``."""
-    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-
     return Timesteps(base_channels, flip_sin_to_cos=True, downscale_freq_shift=0), \
         TimestepEmbedding(base_channels, emb_dim)

@@ -28,6 +28,7 @@ parameter for full training.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -287,8 +288,6 @@ def norm_parameters(model: nn.Module) -> list[str]:
 def sigma_phase_parameters(model: nn.Module, train_norms: bool = True, extra: Sequence[str] = ()) -> list[str]:
     """Freeze everything except Σ (and norm affine parameters / names matching ``extra`` regexes);
     returns the names of the parameters left trainable."""
-    import re
-
     if not factorized_weights(model):
         raise LearngeneError("model has no factorised weights: build it with init_from_learngene(..., factorized=True)")
     norms = set(norm_parameters(model)) if train_norms else set()

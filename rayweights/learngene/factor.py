@@ -26,8 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..storage import read_bytes, resolve, write_bytes_atomic
 from .layers import LayerMatch, LayerType, LearngeneError, match_layer_types
 
 __all__ = ["Gene", "Learngene", "extract", "MODES", "FORMAT_VERSION"]
@@ -127,17 +131,13 @@ class Learngene:
     def save(self, uri: str) -> str:
         """Write ``<uri>/learngene.safetensors`` then ``<uri>/learngene.json`` (local or s3://).
         The JSON is written only after the tensors, so its presence marks a complete learngene."""
-        from safetensors.torch import save
-
-        from ..storage import resolve, write_bytes_atomic
-
         tensors = {}
         for g in self.genes.values():
             tensors[f"{g.name}.U"] = g.U.detach().float().contiguous()
             tensors[f"{g.name}.V"] = g.V.detach().float().contiguous()
             tensors[f"{g.name}.sigma"] = g.sigma.detach().float().contiguous()
         loc = resolve(uri)
-        write_bytes_atomic(loc.join(WEIGHTS_FILE), save(tensors, metadata={"format": "rayweights.learngene",
+        write_bytes_atomic(loc.join(WEIGHTS_FILE), st_save(tensors, metadata={"format": "rayweights.learngene",
                                                                              "version": str(FORMAT_VERSION)}))
         write_bytes_atomic(loc.join(DESCRIPTION_FILE), json.dumps(self.describe(), indent=2).encode())
         return loc.uri
@@ -145,10 +145,6 @@ class Learngene:
     @classmethod
     def load(cls, uri: str) -> "Learngene":
         """Read a learngene folder; errors name the file and the problem (never unpickles)."""
-        from safetensors.torch import load
-
-        from ..storage import read_bytes, resolve
-
         loc = resolve(uri)
         desc_loc, w_loc = loc.join(DESCRIPTION_FILE), loc.join(WEIGHTS_FILE)
         try:
@@ -162,7 +158,7 @@ class Learngene:
         if int(desc.get("version", -1)) > FORMAT_VERSION:
             raise LearngeneError(f"{desc_loc.uri}: format version {desc.get('version')} is newer than {FORMAT_VERSION}")
         try:
-            tensors = load(read_bytes(w_loc))
+            tensors = st_load(read_bytes(w_loc))
         except FileNotFoundError:
             raise LearngeneError(f"{w_loc.uri}: not found") from None
         except Exception as exc:  # safetensors raises its own error types on corrupt headers
@@ -303,8 +299,6 @@ def extract(model: nn.Module | Mapping[str, torch.Tensor], layer_types: Sequence
     genes: dict[str, Gene] = {}
     items = list(matches.items())
     if progress:
-        from tqdm.auto import tqdm
-
         items = tqdm(items, desc="extract learngenes", unit="type")
     for name, mt in items:
         stack = torch.stack([sd[p] for p in mt.params])

@@ -102,7 +102,7 @@ def render_markdown(summary: Mapping) -> str:
 def plot_curves(summary: Mapping, path: str) -> str:
     """One panel per target size: metric vs training step for every method, the Σ-only phase
     shaded, the budget (dotted) and the target (dashed)."""
-    import matplotlib
+    import matplotlib             # the plotting backend is chosen only where a plot is made
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import check_import_allowed
 from .build import DEPTH_MODES, EXTEND_MODES
 from .factor import MODES
 from .layers import LayerType
@@ -195,8 +196,6 @@ class LearngeneConfig:
 
     def __post_init__(self):
         if self.constructor:
-            from ..config import check_import_allowed
-
             check_import_allowed(self.constructor, "constructor", self.allow_import)
         if not self.family and not self.constructor:
             raise ValueError("family: give a registered family or a constructor ('package.module:function')")

@@ -12,6 +12,8 @@ import logging
 
 from ..config import job_argparser, job_overrides, load_config
 from ..errors import expected, job_main
+from .config import GeneratorTrainConfig
+from .trainer import preflight, train_generator
 
 
 @job_main
@@ -22,9 +24,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "ray", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .config import GeneratorTrainConfig
-    from .trainer import preflight, train_generator
-
     with expected(ValueError):
         cfg = load_config(GeneratorTrainConfig, a.config, job_overrides(a, "storage"))
         plan = preflight(cfg)

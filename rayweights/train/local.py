@@ -20,6 +20,7 @@ import logging
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import GeneratorTrainConfig, resolved_stage
 from .trainer import Plan, _finish_stage, preflight
@@ -63,8 +64,6 @@ def train_local(cfg: GeneratorTrainConfig, plan: Plan | None = None, export: str
                 show_progress: bool = False):
     """Train every stage of ``cfg`` in this process; returns the trained method (and writes its
     export to ``export`` when given)."""
-    from tqdm.auto import tqdm
-
     plan = plan or preflight(cfg)
     method = plan.method
     weights, cond = _rows(plan)

@@ -31,13 +31,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+import pyarrow.fs as pafs
+from tqdm.auto import tqdm
+
+from .. import runtime          # runtime.ray_init at call time: tests can forbid starting Ray
 from ..blocks import WeightLayout
+from ..conditioning import ConditionCache, ConditioningError, TextEncoder
+from ..config import ConfigError, to_dict
+from ..errors import JobFailed, UserError
 from ..generators import METHODS, GeneratorError, build_method
 from ..runtime import worker_env
 from ..storage import (StorageError, check_writable, exists, join, list_files, read_bytes, resolve,
                        write_bytes_atomic)
+from ..table import ZooError, open_zoo
+from ..zoo.spec import read_zoo_spec
 from .config import GeneratorTrainConfig, resolved_stage
-from ..errors import JobFailed, UserError
+from .data import fit_stats, num_rows, sample_weights_for_stats, shard_megabytes, stage_dataset
+from .worker import MODEL_DIR, train_loop_per_worker
+
+# Ray (and Ray Train) are imported inside the functions that start or talk to a run: importing
+# rayweights.train for a config check or preflight stays free of Ray's import cost.
 
 __all__ = ["train_generator", "preflight", "TrainError", "TrainFailed", "TrainResult", "Plan"]
 
@@ -87,10 +100,6 @@ class TrainResult:
 def preflight(cfg: GeneratorTrainConfig) -> Plan:
     """Check everything that can be wrong before any training: zoo, conditions, layout vs generator
     config, batch size vs rows, storage; fit normalisation stats; build the condition inputs."""
-    from ..conditioning import ConditionCache, ConditioningError
-    from ..table import ZooError, open_zoo
-    from .data import fit_stats, num_rows
-
     if not cfg.zoo:
         raise TrainError("zoo: required (the URI of a zoo's weight-block tables)")
     try:
@@ -132,16 +141,11 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
     kwargs: dict = dict(model_overrides=cfg.model, scheduler=cfg.scheduler)
     try:
         if klass.conditioning == "text":
-            from ..conditioning import TextEncoder
-
             enc = TextEncoder(cfg.text_encoder)
             cache = ConditionCache(conds, enc.encode(conds), "text",
                                    "default" if cfg.text_encoder in ("", "default") else enc.name_or_path)
             kwargs.update(conditions=cache, text_encoder=cfg.text_encoder)
         elif klass.conditioning == "dataset":
-            from ..config import ConfigError, to_dict
-            from ..zoo.spec import read_zoo_spec
-
             opts = {"samples_per_class": cfg.dataset_samples_per_class, "seed": cfg.seed}
             try:
                 spec, _ = read_zoo_spec(cfg.zoo)
@@ -154,8 +158,6 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
         if klass.conditioning == "dataset":
             method.build_features_bank()
         if hasattr(method, "fit_input_stats"):       # p-diff: per-coordinate input standardisation
-            from .data import sample_weights_for_stats
-
             w = sample_weights_for_stats(zoo, cfg.stats_members, cfg.seed)
             method.fit_input_stats(w.reshape(w.shape[0], -1))
     except (GeneratorError, ConditioningError) as exc:
@@ -174,7 +176,7 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
 
 # ----------------------------------------------------------------------------- progress
 def _progress_callback(queue):
-    from ray.train.v2.api.callback import UserCallback
+    from ray.train.v2.api.callback import UserCallback   # deferred: see the note at the imports
 
     class ProgressCallback(UserCallback):
         """Runs on the Ray Train controller: forwards rank 0's reports to the driver's queue."""
@@ -207,8 +209,6 @@ class _Drain(threading.Thread):
         self.q, self.stage, self.records, self.stop = queue, stage, records, threading.Event()
         self.bar = None
         if show:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc=f"train {stage}", unit="step", dynamic_ncols=True)
 
     def handle(self, m: dict) -> None:
@@ -246,14 +246,11 @@ class _Drain(threading.Thread):
 
 # ----------------------------------------------------------------------------- one stage
 def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> dict:
-    import pyarrow.fs as pafs
-    import ray
+    import ray                                        # deferred: see the note at the imports
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
-
-    from .data import shard_megabytes, stage_dataset
-    from .worker import MODEL_DIR, train_loop_per_worker
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cfg, method = plan.cfg, plan.method
     sc = resolved_stage(cfg, stage)
@@ -278,8 +275,6 @@ def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> di
     # workers lives on the driver's node (Ray pins the Train controller and the data split coordinator
     # there; the progress queue is pinned here), so losing a worker node costs only workers, which
     # FailureConfig restarts from the latest checkpoint.
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     # A worker whose node is gone does not answer the controller's health check; Ray Train waits 10 min
@@ -340,8 +335,6 @@ def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> di
 # ----------------------------------------------------------------------------- the job
 def _finish_stage(method, stage: str, plan: Plan) -> None:
     """Driver-side work between stages: latent scale after a first stage, D2NWG condition cache."""
-    from .data import sample_weights_for_stats
-
     w = None
     if getattr(method, "first_stage", None) == stage:
         w = sample_weights_for_stats(plan.zoo, plan.cfg.stats_members, plan.cfg.seed)
@@ -364,14 +357,12 @@ def train_generator(cfg: GeneratorTrainConfig, address: str | None = None, show_
 
     ``extend_last_stage``: a finished last stage trained for fewer steps than ``cfg`` now asks is
     continued from its latest checkpoint instead of skipped (training in rounds, e.g. sweep trials)."""
-    from ..runtime import ray_init
-
     plan = plan or preflight(cfg)
     method, run = plan.method, resolve(plan.run_uri)
     write_bytes_atomic(run.join("layout.json"), method.layout.to_json().encode())
     write_bytes_atomic(run.join("train_config.json"),
                        json.dumps(dataclasses.asdict(cfg), indent=1, default=str).encode())
-    ray_init(address)
+    runtime.ray_init(address)
     _check_cpus(cfg, address)
     result = TrainResult(plan.run_uri, run.join("export").uri)
     records: list = []
@@ -405,7 +396,7 @@ def train_generator(cfg: GeneratorTrainConfig, address: str | None = None, show_
 def _check_cpus(cfg: GeneratorTrainConfig, address: str | None) -> None:
     """On the embedded local Ray, the train workers must leave a CPU for Ray Data's read tasks
     (else the data pipeline waits forever). Clusters may autoscale: no check there."""
-    import ray
+    import ray                                        # deferred: see the note at the imports
 
     if address or os.environ.get("RAY_ADDRESS"):
         return

@@ -18,6 +18,9 @@ with ``torch.load(weights_only=True)`` and an explicit allowlist of DeepSpeed's 
 
 from __future__ import annotations
 
+import argparse
+import collections
+import importlib
 import json
 import logging
 import os
@@ -27,6 +30,12 @@ import time
 import torch
 
 from ..generators import GeneratorMethod
+from ..storage import exists, resolve, write_bytes_atomic
+from .data import InMemoryShard
+
+# DeepSpeed and Ray Train are imported inside the functions that run in a training worker: importing
+# deepspeed probes accelerators and compiles nothing useful for the driver, which imports this module
+# for the loop's name only.
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +92,6 @@ def deepspeed_config(stage_cfg: dict, cfg: dict, world_size: int, bf16: bool) ->
 
 def _deepspeed_safe_globals() -> list:
     """DeepSpeed classes that appear in its checkpoints (allowlist for weights_only loading)."""
-    import argparse
-    import collections
-
     out: list = [argparse.Namespace, collections.OrderedDict]
     candidates = [
         ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler", "LossScaleProfile")),
@@ -93,8 +99,6 @@ def _deepspeed_safe_globals() -> list:
         ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
         ("deepspeed.runtime.zero.stage3", ()),
     ]
-    import importlib
-
     for mod, names in candidates:
         try:
             m = importlib.import_module(mod)
@@ -106,7 +110,7 @@ def _deepspeed_safe_globals() -> list:
 
 def install_safe_checkpoint_loading(engine) -> None:
     """Make the engine read checkpoints with ``torch.load(weights_only=True)`` (no arbitrary unpickling)."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine   # deferred: see the imports
 
     allow = _deepspeed_safe_globals()
 
@@ -121,7 +125,7 @@ def install_safe_checkpoint_loading(engine) -> None:
 def gather_fp32_state_dict(engine, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """Full fp32 weights of ``module`` from the (possibly ZeRO-partitioned, bf16) engine; collective:
     every rank must call it; returns the state_dict on rank 0, None elsewhere."""
-    import deepspeed
+    import deepspeed                                  # deferred: see the note at the imports
     from deepspeed.utils import safe_get_full_fp32_param
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -152,9 +156,9 @@ def build_engine(method, stage: str, ds_cfg: dict, gradient_checkpointing: bool 
     reads ``train_batch_size != micro × accum × 1``. So attach deepspeed.comm to the existing group
     first (init_distributed wraps an initialised torch.distributed group, it does not make a new one).
     """
-    import deepspeed                       # deferred: a heavy import that probes accelerators
-    import torch.distributed as tdist
+    import deepspeed                                  # deferred: see the note at the imports
 
+    tdist = torch.distributed
     if tdist.is_available() and tdist.is_initialized() and not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=tdist.get_backend())
     if int(ds_cfg["zero_optimization"]["stage"]) == 3:
@@ -176,8 +180,6 @@ def _fault(cfg: dict, stage: str, step: int, rank: int, first_stage: str) -> Non
     fi = cfg["fault_injection"]
     if fi["step"] < 0 or step != fi["step"] or rank != fi["rank"] or (fi["stage"] or first_stage) != stage:
         return
-    from ..storage import exists, resolve, write_bytes_atomic
-
     marker = resolve(cfg["run_uri"]).join(stage, f"fault-injected-step{step}")
     if exists(marker):       # inject once per run: the restarted attempt passes
         return
@@ -189,10 +191,8 @@ def _fault(cfg: dict, stage: str, step: int, rank: int, first_stage: str) -> Non
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
+    import ray.train                                  # deferred: see the note at the imports
     import ray.train.torch
-
-    from .data import InMemoryShard
 
     cfg, stage, sc = config["train"], config["stage"], config["stage_cfg"]
     for k, v in config.get("env", {}).items():
@@ -282,7 +282,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _report_with_checkpoint(engine, method, model_key, metrics, stage, step, world, cfg, rank, last):
-    import ray.train
+    import ray.train                                  # deferred: see the note at the imports
 
     tag = f"step{step:08d}"
     with tempfile.TemporaryDirectory(prefix="rw-ckpt-") as d:

@@ -41,17 +41,23 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 
+import torch
+from tqdm import tqdm
+
+from .. import runtime          # runtime.ray_init at call time: tests can forbid starting Ray
 from ..blocks import LayoutError, WeightLayout
 from ..config import from_dict, to_dict
 from ..errors import check_id
 from ..runtime import worker_env
-from ..storage import delete, list_files, read_bytes, write_bytes_atomic
+from ..storage import delete, join, list_files, read_bytes, resolve, write_bytes_atomic
 from ..table import CheckpointRecord, ZooError, ZooWriter
 from . import families
 from .families import Task, get_family
 from .spec import ZooSpec
 
 log = logging.getLogger(__name__)
+# Ray is imported inside the functions that use it: planning, a resume check or a build without Ray
+# (use_ray=False) stay free of Ray's import cost.
 
 __all__ = ["BuildSummary", "build_zoo", "prepare", "plan_tasks", "zoo_layout", "member_rows", "train_and_write"]
 
@@ -166,7 +172,7 @@ def _where() -> dict:
     """The node and process an attempt runs in (the node id only under Ray)."""
     node = ""
     try:
-        import ray
+        import ray                                    # deferred: see the note at the imports
 
         if ray.is_initialized():
             node = ray.get_runtime_context().get_node_id()
@@ -178,7 +184,7 @@ def _where() -> dict:
 def _dead_nodes(node_ids: set[str]) -> set[str]:
     """Which of ``node_ids`` the cluster no longer counts alive (empty outside Ray or on any error)."""
     try:
-        import ray
+        import ray                                    # deferred: see the note at the imports
 
         if not node_ids or not ray.is_initialized():
             return set()
@@ -309,8 +315,6 @@ class _MemberTrainer:
     def __init__(self, spec: dict, layout_json: str, env: dict):
         for k, v in env.items():
             os.environ.setdefault(k, v)
-        import torch
-
         self.spec = from_dict(ZooSpec, spec)
         torch.set_num_threads(max(1, int(self.spec.resources.num_cpus)))
         self.writer = ZooWriter(self.spec.output, WeightLayout.from_json(layout_json))
@@ -346,8 +350,6 @@ def prepare(spec: ZooSpec) -> tuple[ZooWriter, list[dict], list[Task]]:
 def _shared_task(spec_dict: dict, env: dict) -> dict:
     for k, v in env.items():
         os.environ.setdefault(k, v)
-    import torch
-
     s = from_dict(ZooSpec, spec_dict)
     torch.set_num_threads(max(1, int(s.resources.num_cpus)))
     return get_family(s.family).prepare(s, families.resolve_device(s))
@@ -360,7 +362,7 @@ def _run_shared(spec: ZooSpec, use_ray: bool) -> dict:
         return {}
     if not use_ray:
         return fam.prepare(spec, families.resolve_device(spec))
-    import ray
+    import ray                                        # deferred: see the note at the imports
 
     env = worker_env()
     remote = ray.remote(num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus or None,
@@ -370,10 +372,6 @@ def _run_shared(spec: ZooSpec, use_ray: bool) -> dict:
 
 def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, progress: bool = True) -> BuildSummary:
     """Build (or resume) the zoo described by ``spec``; returns the summary."""
-    from tqdm import tqdm
-
-    from ..storage import join, resolve
-
     writer, rows, held_out = prepare(spec)
     write_bytes_atomic(resolve(join(spec.output, "zoo_spec.json")), json.dumps(
         {"spec": to_dict(spec), "held_out": [t.condition for t in held_out],
@@ -394,12 +392,10 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, p
                         failed=sum(r["status"] == "failed" for r in results))
 
     if todo and use_ray:
-        import ray
+        import ray                                    # deferred: see the note at the imports
         from ray.data import ActorPoolStrategy
 
-        from ..runtime import ray_init
-
-        ray_init(address)
+        runtime.ray_init(address)
         shared = _run_shared(spec, use_ray=True)
         workers = max(1, min(spec.resources.workers, len(todo)))
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
@@ -412,8 +408,6 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, p
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             tick({k: (v[0].item() if hasattr(v[0], "item") else v[0]) for k, v in batch.items()})
     elif todo:
-        import torch
-
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, int(spec.resources.num_cpus)))     # as each actor does
         try:

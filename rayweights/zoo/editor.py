@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -379,9 +381,6 @@ class DiffusersEditor:
     }
 
     def __init__(self, path: str, options: dict | None = None, device: str = "cpu"):
-        import json
-        import os
-
         index = os.path.join(path, "model_index.json")
         if not os.path.isfile(index):
             raise EditorError(f"concepts.editor: {path} is not a diffusers pipeline folder (no model_index.json)")
@@ -390,7 +389,7 @@ class DiffusersEditor:
         if cls_name not in self.DEFAULTS:
             raise EditorError(f"concepts.editor: {path} holds a {cls_name or 'unknown'} pipeline "
                               f"(supported: {', '.join(self.DEFAULTS)})")
-        import diffusers
+        import diffusers   # here: a diffusers pipeline is loaded only for a concepts zoo with this editor
 
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.pipe = getattr(diffusers, cls_name).from_pretrained(path, torch_dtype=dtype, safety_checker=None,
