@@ -445,8 +445,13 @@ class WeightLayout:
         return self._cached("param_index", build)
 
     def _stat_vectors(self, device, dtype):
+        """(mean, std, valid mask, log mask or None) broadcastable to [num_blocks, block_size]; built
+        once per (device, dtype): normalize/denormalize run on every training step."""
         if not self.has_stats:
             raise LayoutError("layout has no normalisation stats: call fit_stats first")
+        return self._cached(("stats", str(device), dtype), lambda: self._build_stat_vectors(device, dtype))
+
+    def _build_stat_vectors(self, device, dtype):
         if self.stats_by == "tensor":              # position-wise [num_blocks, block_size]
             pi = self._param_index().clamp_min(0).to(device)
             mean = torch.tensor([p.mean for p in self.params], dtype=dtype, device=device)[pi]

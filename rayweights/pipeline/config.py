@@ -126,12 +126,17 @@ def load_pipeline_config(path: str | None = None, overrides: Sequence[str] = ())
     return load_config(PipelineConfig, resolve_path(path) if path else None, overrides)
 
 
+def _stage_config(cls, path: str | None, overrides: Sequence[str], section: str):
+    """``load_config`` of one stage's config; an error names the pipeline section it came from."""
+    try:
+        return load_config(cls, path, list(overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{section}: {exc}") from exc
+
+
 def zoo_spec_of(cfg: PipelineConfig) -> ZooSpec:
     """The ZooSpec of the pipeline (``zoo_set`` applied, output not yet set)."""
-    try:
-        return load_config(ZooSpec, resolve_path(cfg.zoo_spec), list(cfg.zoo_set))
-    except ConfigError as exc:
-        raise ConfigError(f"zoo_spec/zoo_set: {exc}") from exc
+    return _stage_config(ZooSpec, resolve_path(cfg.zoo_spec), cfg.zoo_set, "zoo_spec/zoo_set")
 
 
 def train_config_of(cfg: PipelineConfig, zoo_uri: str = "unset", storage: str = "runs",
@@ -162,10 +167,7 @@ def train_config_of(cfg: PipelineConfig, zoo_uri: str = "unset", storage: str = 
                 over.append(f"stages.{stage}.lr={override_value(cfg.lr)}")
     over += [f"zoo={override_value(zoo_uri)}", f"storage={override_value(storage)}",
              f"run_name={override_value(run_name)}"]
-    try:
-        return load_config(GeneratorTrainConfig, path, over)
-    except ConfigError as exc:
-        raise ConfigError(f"generator/train_set: {exc}") from exc
+    return _stage_config(GeneratorTrainConfig, path, over, "generator/train_set")
 
 
 def eval_config_of(cfg: PipelineConfig, zoo_uri: str = "", generator_uri: str = "", output: str = "") -> EvaluateConfig:
@@ -175,10 +177,7 @@ def eval_config_of(cfg: PipelineConfig, zoo_uri: str = "", generator_uri: str = 
         over += ["method=one_step", f"t={cfg.one_step_t}"]
     over += [f"zoo={override_value(zoo_uri)}", f"generator={override_value(generator_uri)}",
              f"output={override_value(output)}"]
-    try:
-        return load_config(EvaluateConfig, None, over)
-    except ConfigError as exc:
-        raise ConfigError(f"eval_set: {exc}") from exc
+    return _stage_config(EvaluateConfig, None, over, "eval_set")
 
 
 def check_stages(cfg: PipelineConfig) -> StageConfigs:
