@@ -33,7 +33,6 @@ import pyarrow.parquet as pq
 import torch
 import torchvision
 from PIL import Image
-from sklearn.datasets import load_digits
 from torchvision import transforms
 
 from .storage import StorageError, exists, resolve
@@ -85,6 +84,8 @@ def _to_tensor_images(pils, image_size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- the built-in kinds
 @register_dataset("digits", needs_argument=False)
 def _digits(arg: str, image_size: int):
+    from sklearn.datasets import load_digits   # deferred: scikit-learn costs every Ray worker ~4 s to import
+
     d = load_digits()
     X = (d.images.astype(np.float32) / 16.0 - 0.5)[:, None]
     return torch.from_numpy(X), torch.from_numpy(d.target.astype(np.int64))

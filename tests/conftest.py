@@ -164,3 +164,25 @@ def _stop_cluster(tmpdir: str) -> None:
             pass
     psutil.wait_procs(procs, timeout=30)
     shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="also run the long tier (tests marked `long`: minutes each on 2 cores; tests/README.md)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long tier runs only with ``--long``; without it its tests are reported as skipped."""
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long tier: run with --long (tests/README.md)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """A test that took over a minute (setup, call or teardown) is named as it finishes, so a CI
+    log that ends early (the job's time limit) still says where the time went."""
+    if report.duration > 60:
+        sys.stderr.write(f"\n[{report.duration:.0f} s {report.when}] {report.nodeid}\n")

@@ -80,6 +80,13 @@ class MultiNodeCluster:
         """Every process of the node dies at once (no graceful drain), as when a spot node vanishes."""
         self.cluster.remove_node(node, allow_graceful=False)
 
+    def replace(self, node):
+        """Kill ``node`` and add a fresh worker node in its place (spot loss, then the autoscaler)."""
+        self.kill_node(node)
+        new = self.add_node()
+        self.workers = [w for w in self.workers if w is not node] + [new]
+        return new
+
     def run_job(self, args: list[str], **kw) -> subprocess.Popen:
         """A driver process against the cluster (``RAY_ADDRESS``), output to ``<tmpdir>/job-*.log``."""
         log = open(os.path.join(self.tmpdir, f"job-{uuid.uuid4().hex[:6]}.log"), "w")

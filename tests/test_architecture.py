@@ -50,3 +50,16 @@ def test_the_contracts_catch_an_upward_import_and_a_cycle(tmp_path):
     assert res.returncode != 0, res.stdout[-3000:]
     assert "rayweights.table_upward -> rayweights.generators" in res.stdout, res.stdout[-3000:]
     assert "0 kept, 2 broken" in res.stdout and "cycle_a" in res.stdout, res.stdout[-3000:]
+
+
+def test_what_ray_data_processes_unpickle_imports_no_models():
+    """Ray Data's processes import ``rayweights.train.data`` (its batch functions) and the table
+    reader: neither may pull in the generators (diffusers) or scikit-learn, which cost each such
+    process ~10 s on 2 cores; the public names of ``rayweights.train`` still resolve."""
+    code = ("import sys, rayweights.train.data, rayweights.table; "
+            "heavy = [m for m in ('diffusers', 'sklearn', 'rayweights.generators') if m in sys.modules]; "
+            "from rayweights.train import GeneratorTrainConfig, train_generator, TrainError; "
+            "print(heavy, GeneratorTrainConfig.__name__, train_generator.__module__, TrainError.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]", "GeneratorTrainConfig", "rayweights.train.trainer", "TrainError"], out.stdout

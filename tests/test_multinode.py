@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,6 +34,19 @@ def _entries(zoo: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((zoo / "members").glob("*.json"))]
 
 
+def _training_node(cluster, zoo: Path):
+    """A worker node on which a member is being trained now (its attempt marker is open), or None."""
+    for marker in (zoo / "_attempts").glob("*/*.json"):
+        try:
+            m = json.loads(marker.read_text())
+        except (OSError, ValueError):          # being replaced atomically right now
+            continue
+        node = cluster.node_of(m.get("node", "")) if m.get("outcome") is None else None
+        if node is not None:
+            return node
+    return None
+
+
 def test_zoo_build_survives_node_loss_exactly_once(cluster, tmp_path):
     """A worker node dies while members train on it; a replacement joins.  Every planned member is
     done exactly once, the lost member was retried on a live node, and its attempts say so."""
@@ -45,15 +57,14 @@ def test_zoo_build_survives_node_loss_exactly_once(cluster, tmp_path):
                            "--set", "max_tasks=3", "--set", "members_per_task=2", "--set", "hparams.epochs=[25,25]",
                            "--set", "keep_last=2"])
     try:
-        # both actors (one per worker node: each needs the node's only CPU) are training once a first
-        # member is written; the victim is the node that did not write it
-        first = wait_for(lambda: _entries(zoo), 240, "a first member to be written")
-        victim_node = cluster.workers[0]
-        cluster.kill_node(victim_node)
+        # the victim is a worker node that is training a member right now: an open attempt marker
+        # (no outcome yet) names its node; killed once a first member is written, so a member is lost
+        # mid-training and not before the pool ran at all
+        first = wait_for(lambda: _entries(zoo), 300, "a first member to be written")
+        victim = wait_for(lambda: _training_node(cluster, zoo), 120, "a member training on a worker node")
         killed_at = time.monotonic()
-        replacement = cluster.add_node()
-        cluster.workers = [w for w in cluster.workers if w is not victim_node] + [replacement]
-        rc = job.wait(timeout=300)
+        cluster.replace(victim)
+        rc = job.wait(timeout=420)
     finally:
         if job.poll() is None:
             job.kill()
@@ -98,9 +109,8 @@ def train_cluster():
         c.shutdown()
 
 
+@pytest.mark.long                  # 8-15 min on 2 cores
 @pytest.mark.timeout(1800)
-@pytest.mark.skipif(os.environ.get("RAYWEIGHTS_MULTINODE_TRAINING") != "1",
-                    reason="8-15 min on a 2-core machine: run with RAYWEIGHTS_MULTINODE_TRAINING=1 (docs/distributed.md)")
 def test_training_survives_node_loss(train_cluster, tmp_path):
     """Two Ray Train workers (DeepSpeed ZeRO-2) on two nodes; one node dies after the first checkpoint:
     the run restarts from that checkpoint on the survivor and the replacement and ends at the planned
@@ -124,10 +134,8 @@ def test_training_survives_node_loss(train_cluster, tmp_path):
         # restart from the one before): its snapshot names it
         snap = run / "autoencoder" / "checkpoint_manager_snapshot.json"
         wait_for(lambda: snap.exists() and "checkpoint-00000020" in snap.read_text(), 900, "the first checkpoint")
-        victim = train_cluster.workers[0]
-        train_cluster.kill_node(victim)
         killed_at = time.monotonic()
-        train_cluster.workers = [w for w in train_cluster.workers if w is not victim] + [train_cluster.add_node()]
+        train_cluster.replace(train_cluster.workers[0])
         rc = job.wait(timeout=600)
     finally:
         if job.poll() is None:

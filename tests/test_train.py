@@ -143,6 +143,7 @@ def test_train_generator_job_exit_codes(ray_local, tmp_path, zoo_uri, capsys):
     assert x.shape[1:] == (gen.layout.num_blocks, gen.layout.block_size)
 
 
+@pytest.mark.long                  # ~4-5 min on 2 cores: a `ray start --head` cluster and two Ray Train stages
 def test_train_generator_through_ray_job_submit(ray_head_cluster, tmp_path, zoo_uri):
     """`ray job submit -- python jobs/train_generator.py ...` against a running `ray start --head`."""
     job = ray_head_cluster.submit([
@@ -155,8 +156,9 @@ def test_train_generator_through_ray_job_submit(ray_head_cluster, tmp_path, zoo_
     assert gen.sample(None, 2).shape[0] == 2
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("zero_stage,workers", [(2, 2)], ids=["zero2-2workers"])   # ~7 min per case on 2 cores
+@pytest.mark.long                                                                  # ~7 min on 2 cores
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("zero_stage,workers", [(2, 2)], ids=["zero2-2workers"])
 def test_d2nwg_trains_every_stage_with_each_zero_stage(ray_local, tmp_path, zoo_uri, zero_stage, workers):
     """D2NWG's three stages through train_generator on two workers under ZeRO-2 (the Set Transformer's
     contrastive temperature is a parameter DeepSpeed broadcasts and partitions). Every ZeRO stage 0-3 on
