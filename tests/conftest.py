@@ -72,15 +72,19 @@ def s3_uri(s3_server):
     return f"s3://{bucket}/zoos/test"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One embedded local Ray shared by every test of the session (starting Ray costs seconds)."""
+    """An embedded local Ray shared by the tests of one module (starting Ray costs seconds).  A fresh
+    one per module: state a module leaves in a long-lived Ray (Ray Data's cluster-wide autoscaling
+    coordinator after Ray Train runs that were killed on purpose) once made the next module's
+    actor-pool zoo build wait for ever."""
     import ray
 
     from rayweights.runtime import ray_init
 
-    if not ray.is_initialized():
-        ray_init(num_cpus=2)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray_init(num_cpus=2)
     yield ray
     ray.shutdown()
 
