@@ -41,8 +41,7 @@ def _training_node(cluster, zoo: Path):
             m = json.loads(marker.read_text())
         except (OSError, ValueError):          # being replaced atomically right now
             continue
-        node = cluster.node_of(m.get("node", "")) if m.get("outcome") is None else None
-        if node is not None:
+        if m.get("outcome") is None and (node := cluster.node_of(m.get("node", ""))) is not None:
             return node
     return None
 

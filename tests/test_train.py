@@ -156,6 +156,7 @@ def test_train_generator_through_ray_job_submit(ray_head_cluster, tmp_path, zoo_
     assert gen.sample(None, 2).shape[0] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.long                                                                  # ~7 min on 2 cores
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("zero_stage,workers", [(2, 2)], ids=["zero2-2workers"])

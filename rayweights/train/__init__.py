@@ -15,16 +15,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .config import FaultInjection, GeneratorTrainConfig, StageConfig, resolved_stage
-    from .local import train_local
-    from .trainer import Plan, TrainError, TrainResult, preflight, train_generator
+if TYPE_CHECKING:                      # for type checkers only; at run time __getattr__ loads them
+    from .config import FaultInjection, GeneratorTrainConfig, StageConfig, resolved_stage  # noqa: F401
+    from .local import train_local  # noqa: F401
+    from .trainer import Plan, TrainError, TrainResult, preflight, train_generator  # noqa: F401
 
 _EXPORTS = {"GeneratorTrainConfig": "config", "StageConfig": "config", "FaultInjection": "config",
             "resolved_stage": "config", "train_local": "local", "train_generator": "trainer",
             "preflight": "trainer", "TrainError": "trainer", "TrainResult": "trainer", "Plan": "trainer"}
-__all__ = ["GeneratorTrainConfig", "StageConfig", "FaultInjection", "resolved_stage", "train_local",
-           "train_generator", "preflight", "TrainError", "TrainResult", "Plan"]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
