@@ -34,14 +34,17 @@ def _entries(zoo: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((zoo / "members").glob("*.json"))]
 
 
-def _training_node(cluster, zoo: Path):
-    """A worker node on which a member is being trained now (its attempt marker is open), or None."""
+def _training_node(cluster, zoo: Path, started_within_s: float = 4.0):
+    """A worker node on which a member started training in the last ``started_within_s`` seconds (its
+    attempt marker is open and new), or None.  A new attempt leaves most of its training ahead, so
+    the kill lands while the member is in flight, not after it was written."""
     for marker in (zoo / "_attempts").glob("*/*.json"):
         try:
             m = json.loads(marker.read_text())
         except (OSError, ValueError):          # being replaced atomically right now
             continue
-        if m.get("outcome") is None and (node := cluster.node_of(m.get("node", ""))) is not None:
+        fresh = m.get("outcome") is None and time.time() - m.get("started", 0.0) < started_within_s
+        if fresh and (node := cluster.node_of(m.get("node", ""))) is not None:
             return node
     return None
 
@@ -53,11 +56,11 @@ def test_zoo_build_survives_node_loss_exactly_once(cluster, tmp_path):
     planned = 6
     t0 = time.monotonic()
     job = cluster.run_job(["jobs/build_zoo.py", "--config", str(TINY), "--output", str(zoo), "--no-progress",
-                           "--set", "max_tasks=3", "--set", "members_per_task=2", "--set", "hparams.epochs=[25,25]",
+                           "--set", "max_tasks=3", "--set", "members_per_task=2", "--set", "hparams.epochs=[40,40]",
                            "--set", "keep_last=2"])
     try:
-        # the victim is a worker node that is training a member right now: an open attempt marker
-        # (no outcome yet) names its node; killed once a first member is written, so a member is lost
+        # the victim is a worker node that has just started training a member: a new open attempt
+        # marker names its node; looked for once a first member is written, so a member is lost
         # mid-training and not before the pool ran at all
         first = wait_for(lambda: _entries(zoo), 300, "a first member to be written")
         victim = wait_for(lambda: _training_node(cluster, zoo), 120, "a member training on a worker node")
