@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run-all": ("rayweights.pipeline:main", "the whole pipeline end to end on one config"),
     "zoo-info": ("rayweights.table:info_main", "print a zoo's layout, members and failures"),
     "compact": ("rayweights.table:compact_main", "compact a zoo's member files under a new manifest version"),
+    "vacuum": ("rayweights.table:vacuum_main",
+               "delete a zoo's superseded and unreferenced files older than the retention window"),
+    "zoo-files": ("rayweights.table:files_main", "print the files a zoo's current manifest reads (for duckdb, polars)"),
 }
 
 

@@ -1,15 +1,18 @@
-"""``rayweights zoo-info URI [--verify]`` and ``rayweights compact URI``."""
+"""``rayweights zoo-info URI [--verify]``, ``compact URI``, ``vacuum URI`` and ``zoo-files URI``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 from typing import Sequence
 
-from ..errors import job_main
+from ..errors import UserError, job_main
 from .reader import compact_zoo, open_zoo
+from .vacuum import DEFAULT_RETAIN_SECONDS, duckdb_source, vacuum_zoo
 
-__all__ = ["info_main", "compact_main"]
+__all__ = ["info_main", "compact_main", "vacuum_main", "files_main"]
 
 
 @job_main
@@ -60,5 +63,63 @@ def compact_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target-rows", type=int, default=1_000_000)
     a = p.parse_args(argv)
     v = compact_zoo(a.uri, a.target_rows)
-    print(f"compacted {a.uri}: manifest v{v}")
+    print(f"compacted {a.uri}: manifest v{v} (the superseded files stay for readers; "
+          "`rayweights vacuum` deletes them once the retention window has passed)")
+    return 0
+
+
+@job_main
+def vacuum_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="rayweights vacuum",
+        description="delete a zoo's files that no manifest a reader could hold references: files superseded "
+                    "by compaction, or left by a write that died before its entry, older than the retention "
+                    "window, and old manifest snapshots. Readers must finish within the window.")
+    p.add_argument("uri")
+    p.add_argument("--retain-hours", type=float, default=DEFAULT_RETAIN_SECONDS / 3600,
+                   help="retention window in hours (default %(default)g); 0 deletes everything the current "
+                        "manifest does not reference: only while nothing reads, builds or compacts the zoo")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    a = p.parse_args(argv)
+    if not a.retain_hours >= 0 or a.retain_hours == float("inf"):
+        raise UserError(f"--retain-hours: must be a finite number >= 0, got {a.retain_hours:g}")
+    if a.retain_hours == 0:
+        print("warning: --retain-hours 0: files a running reader, build or compaction still needs may be deleted",
+              file=sys.stderr)
+    r = vacuum_zoo(a.uri, retain_seconds=a.retain_hours * 3600, dry_run=a.dry_run)
+    if a.dry_run:
+        for uri in r.deleted:
+            print(uri)
+    verb = "would delete" if a.dry_run else "deleted"
+    print(f"vacuum {a.uri} (manifest v{r.version}, {r.live} live files, retention {a.retain_hours:g} h): "
+          f"{verb} {len(r.deleted)} file(s), {r.freed_bytes / 1e6:.1f} MB; kept {len(r.kept)} unreferenced "
+          "file(s) inside the window", file=sys.stderr if a.dry_run else sys.stdout)
+    return 0
+
+
+@job_main
+def files_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="rayweights zoo-files",
+        description="print the files a zoo's current manifest reads (for duckdb, polars, Spark: never glob "
+                    "blocks/**, which also finds superseded files and unfinished writes)")
+    p.add_argument("uri")
+    p.add_argument("--format", choices=["lines", "json", "duckdb"], default="lines",
+                   help="lines: one URI per line; json: files, members, version and row filters; duckdb: a "
+                        "table expression (read_parquet([...]) with any row filter)")
+    a = p.parse_args(argv)
+    zoo = open_zoo(a.uri)
+    if a.format == "duckdb":
+        print(duckdb_source(zoo))
+        return 0
+    filters = zoo.row_filters()
+    if a.format == "json":
+        print(json.dumps({"uri": zoo.uri, "version": zoo.version, "members": len(zoo),
+                          "files": zoo.live_files(), "row_filters": filters}, indent=1))
+        return 0
+    for uri in zoo.live_files():
+        print(uri)
+    if filters:
+        print(f"warning: {len(filters)} compacted file(s) also hold rows of members rewritten after the compaction; "
+              "use --format duckdb or json for the row filter, or compact again", file=sys.stderr)
     return 0

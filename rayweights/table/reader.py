@@ -1,6 +1,7 @@
 """Reading a zoo: :func:`open_zoo` -> :class:`Zoo` (members, blocks, state_dicts, a Ray Data
-dataset, verification) and compaction under a new manifest version.  One module (~420 lines): the
-manifest rules of :func:`open_zoo` and the reads of :class:`Zoo` are one contract and change together."""
+dataset, verification) and compaction under a new manifest version.  One module (~500 lines): the
+manifest rules of :func:`open_zoo` and the reads of :class:`Zoo` are one contract and change together
+(:mod:`.vacuum` reuses its manifest helpers, so retention protects exactly what a reader reads)."""
 
 from __future__ import annotations
 
@@ -170,6 +171,38 @@ class Zoo:
             by_file.setdefault(r["file"], []).append(r["member_id"])
         return [(f, (mids if f.startswith("compacted/") else None)) for f, mids in sorted(by_file.items())]
 
+    def live_files(self) -> list[str]:
+        """URIs of exactly the files this view reads (sorted): what an outside reader (duckdb,
+        polars, Spark) should read instead of globbing ``blocks/**`` (which after a compaction
+        also finds superseded files and files of unfinished writes)."""
+        return [self.root.join(f).uri for f, _ in self.files]
+
+    def row_filters(self) -> dict[str, list[str]]:
+        """Live compacted files that also hold rows of members outside this view (members rewritten
+        after the compaction): ``{file URI: the member ids to read from it}``.  Empty for a zoo whose
+        live files hold exactly its rows (one footer read per compacted file)."""
+        expected: dict[str, int] = {}
+        for r in self._rows:
+            if r["file"].startswith("compacted/"):
+                expected[r["file"]] = expected.get(r["file"], 0) + int(r["num_rows"])
+
+        def num_rows(rel: str) -> int:
+            loc = self.root.join(rel)
+            try:
+                with loc.fs.open_input_file(loc.path) as f:
+                    return pq.read_metadata(f).num_rows
+            except FileNotFoundError:
+                raise ZooError(f"blocks file missing: {loc.describe()}") from None
+            except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+                raise ZooError(f"corrupt or truncated Parquet file {loc.describe()}: {exc}") from exc
+
+        rels = sorted(expected)
+        with ThreadPoolExecutor(max(1, min(16, len(rels) or 1))) as ex:
+            counts = list(ex.map(num_rows, rels))
+        members = dict(self.files)
+        return {self.root.join(rel).uri: list(members[rel] or []) for rel, n in zip(rels, counts)
+                if n != expected[rel]}
+
     def without(self, member_ids) -> "Zoo":
         """This zoo without ``member_ids`` (e.g. the members a verification found bad)."""
         drop = set(member_ids)
@@ -303,7 +336,8 @@ class Zoo:
         return version
 
     def compact(self, target_rows: int = 1_000_000) -> int:
-        """Rewrite member files into files of about ``target_rows`` rows under a new manifest version."""
+        """Rewrite member files into files of about ``target_rows`` rows under a new manifest version.
+        Deletes nothing: :func:`~rayweights.table.vacuum_zoo` deletes the superseded files later."""
         version = self.version + 1
         rows = sorted(self._rows, key=lambda r: (r["task_id"], r["member_id"]))
         new_rows, batch, batch_rows, part = [], [], 0, 0
@@ -334,34 +368,49 @@ class Zoo:
         return version
 
 
-def open_zoo(uri: str) -> Zoo:
-    """Open the zoo at ``uri`` (local folder, ``file://`` or ``s3://``) at its current manifest."""
-    try:
-        root = resolve(uri)
-    except StorageError as exc:
-        raise ZooError(str(exc)) from exc
-    layout = _read_layout(root)
-    # 1. the consolidated snapshot (if any)
-    version: int = 0
-    snap: dict[str, dict] = {}
-    snap_mtimes: dict[str, int] = {}
+def _read_current(root: Location) -> tuple[int, str | None]:
+    """(version, snapshot path relative to the root) of ``_manifest/CURRENT``; (0, None) without one."""
     try:
         current = json.loads(read_bytes(root.join(CURRENT_FILE)))
-        version = int(current["version"])
-        t = _read_parquet(root.fs, root.join(current["snapshot"]).path, describe=root.join(current["snapshot"]).describe())
-        for r in t.to_pylist():
-            snap_mtimes[r["member_id"]] = r.pop("entry_mtime_ns")
-            r.setdefault("sha256", "")       # snapshots written before checksums
-            r.setdefault("size", -1)
-            snap[r["member_id"]] = r
+        return int(current["version"]), str(current["snapshot"])
     except FileNotFoundError:
-        pass
-    except (KeyError, ValueError) as exc:
+        return 0, None
+    except (KeyError, ValueError, TypeError) as exc:
         raise ZooError(f"{root.join(CURRENT_FILE).describe()} is malformed: {exc}") from exc
-    # 2. entries listed now (one LIST per 1000 keys); GET only those newer than the snapshot
-    entries = {posixpath.basename(i.path)[:-5]: i for i in list_files(root.join("members"), ".json")}
-    to_read = [(mid, info) for mid, info in entries.items()
-               if mid not in snap or (info.mtime_ns or 0) > snap_mtimes.get(mid, 0)]
+
+
+def _read_snapshot(root: Location, rel: str | None) -> tuple[dict[str, dict], dict[str, int]]:
+    """A snapshot's rows by member id and the entry mtimes it recorded (empty for ``rel=None``)."""
+    snap: dict[str, dict] = {}
+    mtimes: dict[str, int] = {}
+    if rel is None:
+        return snap, mtimes
+    t = _read_parquet(root.fs, root.join(rel).path, describe=root.join(rel).describe())
+    if "entry_mtime_ns" not in t.column_names or "member_id" not in t.column_names:
+        raise ZooError(f"manifest snapshot {root.join(rel).describe()} lacks the member_id/entry_mtime_ns columns")
+    for r in t.to_pylist():
+        mtimes[r["member_id"]] = r.pop("entry_mtime_ns")
+        r.setdefault("sha256", "")       # snapshots written before checksums
+        r.setdefault("size", -1)
+        snap[r["member_id"]] = r
+    return snap, mtimes
+
+
+def _list_entries(root: Location) -> dict[str, pafs.FileInfo]:
+    """The manifest entries ``members/<id>.json`` by member id (listing only: no GET)."""
+    return {posixpath.basename(i.path)[:-5]: i for i in list_files(root.join("members"), ".json")}
+
+
+def _newer_entries(entries: Mapping[str, pafs.FileInfo], snap: Mapping[str, dict],
+                   snap_mtimes: Mapping[str, int]) -> list[tuple[str, pafs.FileInfo]]:
+    """The entries a reader of this snapshot GETs: members it lacks, or entries written after it."""
+    return [(mid, info) for mid, info in entries.items()
+            if mid not in snap or (info.mtime_ns or 0) > snap_mtimes.get(mid, 0)]
+
+
+def _read_entries(root: Location, items: Sequence[tuple[str, pafs.FileInfo]]
+                  ) -> tuple[dict[str, dict], dict[str, int], dict[str, str]]:
+    """GET entries: (rows by member, their mtimes, {member: why} for the corrupt ones)."""
 
     def get(item):
         mid, info = item
@@ -378,16 +427,35 @@ def open_zoo(uri: str) -> Zoo:
             return mid, info, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
     fresh: dict[str, dict] = {}
+    mtimes: dict[str, int] = {}
     corrupt: dict[str, str] = {}
-    mtimes = {mid: snap_mtimes[mid] for mid in entries if mid in snap_mtimes}
     with ThreadPoolExecutor(16) as ex:
-        for mid, info, row, why in ex.map(get, to_read):
+        for mid, info, row, why in ex.map(get, items):
             if row is not None:
                 fresh[mid] = row
                 mtimes[mid] = info.mtime_ns or 0
             elif why:
                 corrupt[mid] = why
-                mtimes.pop(mid, None)
+    return fresh, mtimes, corrupt
+
+
+def open_zoo(uri: str) -> Zoo:
+    """Open the zoo at ``uri`` (local folder, ``file://`` or ``s3://``) at its current manifest."""
+    try:
+        root = resolve(uri)
+    except StorageError as exc:
+        raise ZooError(str(exc)) from exc
+    layout = _read_layout(root)
+    # 1. the consolidated snapshot (if any)
+    version, snap_rel = _read_current(root)
+    snap, snap_mtimes = _read_snapshot(root, snap_rel)
+    # 2. entries listed now (one LIST per 1000 keys); GET only those newer than the snapshot
+    entries = _list_entries(root)
+    fresh, fresh_mtimes, corrupt = _read_entries(root, _newer_entries(entries, snap, snap_mtimes))
+    mtimes = {mid: snap_mtimes[mid] for mid in entries if mid in snap_mtimes}
+    mtimes.update(fresh_mtimes)
+    for mid in corrupt:
+        mtimes.pop(mid, None)
     if corrupt:
         mid = sorted(corrupt)[0]
         log.warning("zoo %s: %d corrupt manifest entr%s left out (e.g. %s: %s); a build resume rebuilds them",
