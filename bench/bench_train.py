@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from rayweights.config import from_dict  # noqa: E402
 from rayweights.table import open_zoo  # noqa: E402
 from rayweights.train import GeneratorTrainConfig, preflight, train_generator  # noqa: E402
+from rayweights.train.worker import PhaseTimer  # noqa: E402
 
 
 def make_zoo(uri: str, members: int, hidden: int) -> str:
@@ -72,16 +73,28 @@ def plain_loop(method: str, zoo_uri: str, steps: int, batch: int, threads: int) 
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     t0 = None
+    phases = PhaseTimer()
     for i in range(steps + 5):
         if i == 5:
             t0 = time.perf_counter()
+            phases.report(1)                          # warm-up steps are not counted
+            phases.start()
         idx = torch.randint(0, n, (batch,), generator=g)
-        loss = module(**m.prepare(stage, {k: v[idx] for k, v in data.items()}, "cpu"))
+        b = {k: v[idx] for k, v in data.items()}
+        phases.lap("data")
+        inputs = m.prepare(stage, b, "cpu")
+        phases.lap("prepare")
+        loss = module(**inputs)
+        phases.lap("forward")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        phases.lap("backward")
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
-    return steps * batch / (time.perf_counter() - t0)
+        phases.lap("step")
+        float(loss.detach())
+        phases.lap("report")
+    return steps * batch / (time.perf_counter() - t0), {k[3:]: v for k, v in phases.report(steps).items()}
 
 
 def ray_run(method, zoo_uri, storage, steps, batch, workers, cpus, zero=2, data="auto"):
@@ -94,8 +107,10 @@ def ray_run(method, zoo_uri, storage, steps, batch, workers, cpus, zero=2, data=
             raise
     wall = time.perf_counter() - t0
     log = [json.loads(line) for line in open(os.path.join(storage, f"w{workers}-{data}", "train_log.jsonl"))]
-    sps = [r["samples_per_s"] for r in log if r.get("stage") == stage and "samples_per_s" in r][1:]
-    return sum(sps) / len(sps), wall
+    reps = [r for r in log if r.get("stage") == stage and "samples_per_s" in r][1:]    # first: start-up
+    sps = [r["samples_per_s"] for r in reps]
+    ms = {k: sum(r.get(f"ms_{k}", 0.0) for r in reps) / len(reps) for k in PhaseTimer.PHASES}
+    return sum(sps) / len(sps), wall, ms
 
 
 def gpu_section(args) -> list[str]:
@@ -163,22 +178,27 @@ def main():
         print(f"table: {len(z)} members, {z.layout.num_blocks} blocks of {z.layout.block_size} "
               f"({rows_per_epoch} block rows = {rows_per_epoch // a.batch} batches per epoch); method {a.method}, "
               f"global batch {a.batch}, {a.steps} steps, fp32 on CPU")
-        plain1 = plain_loop(a.method, zoo, a.steps, a.batch, 1)
+        plain1, plain_ms = plain_loop(a.method, zoo, a.steps, a.batch, 1)
         from rayweights.runtime import ray_init
 
         ray_init()
-        rows = [("plain torch loop, 1 process, 1 thread", plain1, None, 1.0)]
+        rows = [("plain torch loop, 1 process, 1 thread", plain1, None, 1.0, plain_ms)]
         rates = {}
         for data in a.data.split(","):
             for n in (int(w) for w in a.workers.split(",")):
-                r, w = ray_run(a.method, zoo, os.path.join(tmp, f"runs-z{a.zero}"), a.steps, a.batch, n, 1.0 / n,
-                               a.zero, data)
+                r, w, ms = ray_run(a.method, zoo, os.path.join(tmp, f"runs-z{a.zero}"), a.steps, a.batch, n,
+                                   1.0 / n, a.zero, data)
                 rates[data, n] = r
                 rows.append((f"Ray Train + DeepSpeed ZeRO-{a.zero}, {n} worker{'s' if n > 1 else ''}, "
-                             f"data_in_memory={data}", r, w, r / plain1))
+                             f"data_in_memory={data}", r, w, r / plain1, ms))
         print("\n| path | samples/s | wall s (incl. start-up) | vs plain loop |\n|---|---|---|---|")
-        for name, sps, wall, ratio in rows:
+        for name, sps, wall, ratio, _ in rows:
             print(f"| {name} | {sps:,.0f} | {'-' if wall is None else f'{wall:.1f}'} | {ratio:.2f} |")
+        print("\nWhere a step's time goes (ms per optimiser step, rank 0; data = waiting for the batch, "
+              "report = reporting and checkpoints):\n")
+        print("| path | " + " | ".join(PhaseTimer.PHASES) + " | sum |\n|---|" + "---|" * (len(PhaseTimer.PHASES) + 1))
+        for name, _, _, _, ms in rows:
+            print(f"| {name} | " + " | ".join(f"{ms[k]:.2f}" for k in PhaseTimer.PHASES) + f" | {sum(ms.values()):.2f} |")
         print(f"\n{os.cpu_count()} cores on this machine, 1 CPU for all workers together")
         for data in a.data.split(","):
             if (data, 1) in rates:

@@ -94,6 +94,13 @@ def test_zero2_two_workers_train_checkpoint_export_and_resume(ray_local, tmp_pat
     log = [json.loads(line) for line in open(os.path.join(run, "train_log.jsonl"))]
     ae = [r["loss"] for r in log if r.get("stage") == "autoencoder" and "loss" in r]
     assert len(ae) == 4 and ae[-1] < ae[0]
+    # every report says where its steps' time went, and the phases account for the interval's wall time
+    reports = [r for r in log if r.get("stage") == "autoencoder" and "step" in r]
+    for prev, r in zip(reports, reports[1:]):
+        ms = [r[f"ms_{k}"] for k in ("data", "prepare", "forward", "backward", "step", "report")]
+        steps = r["step"] - prev["step"]
+        interval_ms = 1e3 * steps * cfg.batch_size / r["samples_per_s"]
+        assert min(ms) >= 0 and 0.7 * interval_ms <= sum(ms) * steps <= 1.05 * interval_ms, (r, interval_ms)
     gen = load_generator(res.export_uri)
     assert gen.latent_scale and gen.latent_scale > 0
     x = gen.sample(None, 2, mode="ddim", steps=4, seed=0)

@@ -6,7 +6,7 @@ import torch
 from rayweights.config import ConfigError, from_dict
 from rayweights.train import GeneratorTrainConfig
 from rayweights.train.data import InMemoryShard, shard_megabytes
-from rayweights.train.worker import effective_zero_stage
+from rayweights.train.worker import PhaseTimer, effective_zero_stage
 
 
 class _Shard:
@@ -74,3 +74,20 @@ def test_shard_size_counts_rows_per_worker():
 def test_one_worker_runs_zero_0_for_zero_1_and_2_only():
     assert [effective_zero_stage(s, 1) for s in (0, 1, 2, 3)] == [0, 0, 0, 3]
     assert [effective_zero_stage(s, 2) for s in (0, 1, 2, 3)] == [0, 1, 2, 3]
+
+
+def test_phase_timer_splits_a_steps_time_into_its_phases():
+    now = [0.0]
+    t = PhaseTimer(clock=lambda: now[0])
+    for _ in range(4):                               # 4 steps: 1 ms data, 3 ms forward, 6 ms backward
+        for phase, dt in (("data", 1e-3), ("forward", 3e-3), ("backward", 6e-3)):
+            now[0] += dt
+            t.lap(phase)
+    ms = t.report(4)
+    assert ms == pytest.approx({"ms_data": 1.0, "ms_prepare": 0.0, "ms_forward": 3.0, "ms_backward": 6.0,
+                                "ms_step": 0.0, "ms_report": 0.0})
+    now[0] += 5.0                                    # time before start() (between epochs) is not counted
+    t.start()
+    now[0] += 2e-3
+    t.lap("step")
+    assert t.report(1)["ms_step"] == pytest.approx(2.0) and sum(t.report(1).values()) == 0.0

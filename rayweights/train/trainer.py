@@ -6,7 +6,9 @@ Run layout (``<storage>/<run_name>``, a local folder or ``s3://``)::
     <run>/<stage>/checkpoint-<step>/  Ray Train checkpoints: every rank's DeepSpeed shards + meta
     <run>/<stage>/fault-injected-*    (tests) markers of injected failures
     <run>/stages/<model>/             the trained model of a finished stage (save_pretrained) + done.json
-    <run>/train_log.jsonl             one line per report: stage, step, loss, lr, samples/s
+    <run>/train_log.jsonl             one line per report: stage, step, loss, lr, samples/s and
+                                      ms_<phase>: ms per step waiting for data, prepare, forward,
+                                      backward, optimiser step, reporting (worker.PhaseTimer)
     <run>/export/                     the generator: generator.json, layout.json, scheduler/,
                                       conditions.safetensors, <model>/ per model (load_generator)
 

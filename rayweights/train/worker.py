@@ -190,6 +190,33 @@ def _fault(cfg: dict, stage: str, step: int, rank: int, first_stage: str) -> Non
     raise RuntimeError(f"fault injection at step {step} on rank {rank}")
 
 
+class PhaseTimer:
+    """Wall time of a training step split into its phases (waiting for the batch, ``prepare``, forward,
+    backward, optimiser step, reporting/checkpointing), summed between two reports and reported as
+    milliseconds per step (``ms_<phase>``): where a step's time goes, at the cost of a clock read a phase."""
+
+    PHASES = ("data", "prepare", "forward", "backward", "step", "report")
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self.t = clock()
+
+    def start(self) -> None:
+        self.t = self.clock()
+
+    def lap(self, phase: str) -> None:
+        now = self.clock()
+        self.totals[phase] += now - self.t
+        self.t = now
+
+    def report(self, steps: int) -> dict[str, float]:
+        """``ms_<phase>`` per step since the last report (the reporting of this one lands in the next)."""
+        out = {f"ms_{k}": 1e3 * v / max(steps, 1) for k, v in self.totals.items()}
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        return out
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train                                  # deferred: see the note at the imports
     import ray.train.torch
@@ -240,20 +267,28 @@ def train_loop_per_worker(config: dict) -> None:
     memory = InMemoryShard(shard) if config.get("in_memory") else None
     first_stage = config["first_stage"]
     loss_sum, loss_n, t_last, step_last, epoch = 0.0, 0, time.perf_counter(), step, 0
+    phases = PhaseTimer()
     while step < total:
         got = 0
         seed = int(cfg["seed"]) * 7919 + epoch * 31 + rank
         batches = memory.epoch(micro, seed) if memory is not None else shard.iter_torch_batches(
             batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=seed)
+        phases.start()
         for batch in batches:
+            phases.lap("data")
             got += 1
             inputs = method.prepare(stage, batch, device)
+            phases.lap("prepare")
             loss = engine(**inputs)
+            phases.lap("forward")
             engine.backward(loss)
+            phases.lap("backward")
             engine.step()
+            phases.lap("step")
             loss_sum += float(loss.detach())
             loss_n += 1
             if not engine.is_gradient_accumulation_boundary():
+                phases.lap("report")
                 continue
             step += 1
             _fault(cfg, stage, step, rank, first_stage)
@@ -267,12 +302,13 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = {"stage": stage, "step": step, "epoch": epoch, "loss": float(stats[0] / max(stats[1], 1)),
                            "lr": float(engine.get_lr()[0]),
                            "samples_per_s": (step - step_last) * ds_cfg["train_batch_size"] / max(now - t_last, 1e-9),
-                           "world_size": world}
+                           "world_size": world, **phases.report(step - step_last)}
                 loss_sum, loss_n, t_last, step_last = 0.0, 0, now, step
                 if do_ckpt:
                     _report_with_checkpoint(engine, method, model_key, metrics, stage, step, world, cfg, rank, last)
                 else:
                     ray.train.report(metrics)
+            phases.lap("report")
             if last:
                 break
         if got == 0:
