@@ -29,7 +29,12 @@ class MultiNodeCluster:
     """Head (0 CPUs, ``head_resources``) + ``workers`` nodes of ``worker_args`` each."""
 
     def __init__(self, workers: int = 2, worker_args: dict | None = None, head_resources: dict | None = None):
+        from ray._common.utils import get_ray_address_file
         from ray.cluster_utils import Cluster
+
+        # Cluster writes the head's address to Ray's default temp folder (not the nodes' temp_dir), which
+        # does not exist on a machine where Ray never ran before
+        os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)
 
         self.tmpdir = f"/tmp/rwmn-{uuid.uuid4().hex[:8]}"
         self.worker_args = {"num_cpus": 1, **(worker_args or {})}

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import re
+import signal
 import time
 from pathlib import Path
 
@@ -95,6 +98,118 @@ def test_zoo_build_survives_node_loss_exactly_once(cluster, tmp_path):
     assert not list((zoo / "_attempts").glob("*/*.json"))                       # markers cleared
     print(f"\nzoo node loss: {planned} planned, {len(entries)} entries, {len(lost)} retried after node loss; "
           f"killed at {killed_at - t0:.0f} s, wall {time.monotonic() - t0:.0f} s")
+
+
+def _check_exactly_once(zoo: Path, planned: int) -> list[dict]:
+    """Manifest entries = planned, distinct members in the Parquet files = planned, no duplicate
+    ``(member, checkpoint, block_index)`` row, rows = what the entries say; returns the entries."""
+    entries = _entries(zoo)
+    ids = [e["member_id"] for e in entries]
+    assert len(entries) == planned and len(set(ids)) == planned, ids
+    seen, rows = set(), 0
+    for f in glob.glob(str(zoo / "blocks" / "**" / "*.parquet"), recursive=True):
+        t = pq.read_table(f, columns=["member_id", "checkpoint", "block_index"]).to_pylist()
+        for r in t:
+            key = (r["member_id"], r["checkpoint"], r["block_index"])
+            assert key not in seen, f"duplicate row {key} in {f}"
+            seen.add(key)
+        rows += len(t)
+    assert {k[0] for k in seen} == set(ids)
+    assert rows == sum(e["num_rows"] for e in entries)
+    assert not list((zoo / "_attempts").glob("*/*.json"))                       # markers cleared
+    return entries
+
+
+def _open_attempt(zoo: Path):
+    """An open attempt marker (a member training right now): its contents, or None."""
+    for marker in (zoo / "_attempts").glob("*/*.json"):
+        try:
+            m = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("outcome") is None:
+            return {**m, "member_id": marker.parent.name}
+    return None
+
+
+ZOO_ARGS = ["--no-progress", "--set", "max_tasks=3", "--set", "members_per_task=2", "--set", "hparams.epochs=[40,40]",
+            "--set", "keep_last=2"]
+
+
+def test_driver_sigkill_then_rerun_builds_only_the_rest(cluster, tmp_path):
+    """The build's driver is SIGKILLed while members train (its actors die with it); a rerun skips
+    every member already written, builds the rest, and the members that were in flight count the
+    lost attempt."""
+    zoo = tmp_path / "zoo"
+    planned = 6
+    job = cluster.run_job(["jobs/build_zoo.py", "--config", str(TINY), "--output", str(zoo), *ZOO_ARGS])
+    try:
+        wait_for(lambda: _entries(zoo), 300, "a first member to be written")
+        inflight = wait_for(lambda: _open_attempt(zoo), 120, "a member in flight")
+        job.kill()                                                               # SIGKILL
+        job.wait(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    time.sleep(3)                      # Ray notices the dead owner and stops its actors
+    written_before = {e["member_id"] for e in _entries(zoo)}
+    assert 0 < len(written_before) < planned, written_before
+    rerun = cluster.run_job(["jobs/build_zoo.py", "--config", str(TINY), "--output", str(zoo), *ZOO_ARGS])
+    rc = rerun.wait(timeout=420)
+    out = Path(rerun.log_path).read_text()
+    assert rc == 0, out[-3000:]
+    line = next(ln for ln in out.splitlines() if ln.startswith("zoo ") and " planned in " in ln)
+    done, skipped = (int(x) for x in re.search(r": (\d+) done, (\d+) skipped, 0 failed of 6 planned", line).groups())
+    assert skipped >= len(written_before) and done + skipped == planned, line    # only the rest was built
+    entries = _check_exactly_once(zoo, planned)
+    by_id = {e["member_id"]: e for e in entries}
+    if inflight["member_id"] not in written_before:
+        h = by_id[inflight["member_id"]]["hparams"]
+        assert h["lost_attempts"] >= 1 and "worker lost" in h["retry_reasons"], h
+    assert sum(e["hparams"]["attempts"] for e in entries) == planned + sum(e["hparams"]["lost_attempts"] for e in entries)
+    print(f"\ndriver SIGKILL: {len(written_before)} written before the kill; rerun: {line}")
+
+
+def test_actor_process_sigkill_is_retried_and_counted(cluster, tmp_path):
+    """One actor process (a member training in it) is SIGKILLed: Ray restarts the actor, the member
+    is retried, the build finishes exactly once and the member's entry counts the lost attempt."""
+    zoo = tmp_path / "zoo"
+    planned = 6
+    job = cluster.run_job(["jobs/build_zoo.py", "--config", str(TINY), "--output", str(zoo), *ZOO_ARGS])
+    try:
+        wait_for(lambda: _entries(zoo), 300, "a first member to be written")
+        victim = wait_for(lambda: _open_attempt(zoo), 120, "a member in flight")
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        rc = job.wait(timeout=420)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    out = Path(job.log_path).read_text()
+    assert rc == 0, out[-3000:]
+    entries = _check_exactly_once(zoo, planned)
+    h = {e["member_id"]: e for e in entries}[victim["member_id"]]["hparams"]
+    assert h["attempts"] >= 2 and h["lost_attempts"] >= 1 and "worker lost" in h["retry_reasons"], h
+    assert "retried (" in out and "worker lost" in out, out[-2000:]
+    print(f"\nactor SIGKILL: member {victim['member_id']} attempts {h['attempts']} ({h['retry_reasons']})")
+
+
+def test_members_pack_on_a_node_that_declares_a_gpu_without_calling_cuda(cluster, tmp_path):
+    """A node declares one GPU it does not have; members ask for half a GPU each: two actors pack on
+    that node's GPU (fractional placement) and train on the CPU, since no CUDA device is visible."""
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1, resources={"gpu_node": 1})
+    try:
+        zoo = tmp_path / "zoo"
+        job = cluster.run_job(["jobs/build_zoo.py", "--config", str(TINY), "--output", str(zoo), "--no-progress",
+                               "--set", "max_tasks=2", "--set", "members_per_task=2", "--set", "hparams.epochs=[2,2]",
+                               "--set", "resources.num_gpus=0.5", "--set", "resources.workers=2"])
+        rc = job.wait(timeout=420)
+        out = Path(job.log_path).read_text()
+        assert rc == 0, out[-3000:]
+        entries = _check_exactly_once(zoo, 4)
+        assert {e["hparams"]["device"] for e in entries} == {"cpu"}, [e["hparams"] for e in entries]
+        assert "cuda" not in out.lower(), [ln for ln in out.splitlines() if "cuda" in ln.lower()]
+    finally:
+        cluster.kill_node(gpu_node)
 
 
 PDIFF = ROOT / "jobs" / "configs" / "pdiff_tiny.yaml"
