@@ -52,54 +52,6 @@ def _training_node(cluster, zoo: Path, started_within_s: float = 4.0):
     return None
 
 
-def test_zoo_build_survives_node_loss_exactly_once(cluster, tmp_path):
-    """A worker node dies while members train on it; a replacement joins.  Every planned member is
-    done exactly once, the lost member was retried on a live node, and its attempts say so."""
-    zoo = tmp_path / "zoo"
-    planned = 6
-    t0 = time.monotonic()
-    job = cluster.run_job(["jobs/build_zoo.py", "--config", str(TINY), "--output", str(zoo), "--no-progress",
-                           "--set", "max_tasks=3", "--set", "members_per_task=2", "--set", "hparams.epochs=[40,40]",
-                           "--set", "keep_last=2"])
-    try:
-        # the victim is a worker node that has just started training a member: a new open attempt
-        # marker names its node; looked for once a first member is written, so a member is lost
-        # mid-training and not before the pool ran at all
-        first = wait_for(lambda: _entries(zoo), 300, "a first member to be written")
-        victim = wait_for(lambda: _training_node(cluster, zoo), 120, "a member training on a worker node")
-        killed_at = time.monotonic()
-        cluster.replace(victim)
-        rc = job.wait(timeout=420)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    out = Path(job.log_path).read_text()
-    assert rc == 0, out[-3000:]
-    entries = _entries(zoo)
-    ids = [e["member_id"] for e in entries]
-    assert len(entries) == planned and len(set(ids)) == planned, ids             # manifest entries = planned
-    seen, rows = set(), 0
-    for f in glob.glob(str(zoo / "blocks" / "**" / "*.parquet"), recursive=True):
-        t = pq.read_table(f, columns=["member_id", "checkpoint", "block_index"]).to_pylist()
-        for r in t:
-            key = (r["member_id"], r["checkpoint"], r["block_index"])
-            assert key not in seen, f"duplicate row {key} in {f}"
-            seen.add(key)
-        rows += len(t)
-    assert {k[0] for k in seen} == set(ids)                                      # distinct members in Parquet
-    assert rows == sum(e["num_rows"] for e in entries)
-    # attempts recorded truthfully: the member lost with the node counts its lost attempt
-    lost = [e for e in entries if e["hparams"].get("lost_attempts", 0) >= 1]
-    assert lost, f"no member records a lost attempt (first written: {first[0]['member_id']}); attempts: " + \
-        str({e["member_id"]: e["hparams"].get("attempts") for e in entries})
-    assert all("node lost" in e["hparams"]["retry_reasons"] for e in lost), [e["hparams"] for e in lost]
-    assert sum(e["hparams"]["attempts"] for e in entries) == planned + len(lost)
-    assert f"{len(lost)} member(s) retried ({len(lost)} node lost)" in out, out[-2000:]
-    assert not list((zoo / "_attempts").glob("*/*.json"))                       # markers cleared
-    print(f"\nzoo node loss: {planned} planned, {len(entries)} entries, {len(lost)} retried after node loss; "
-          f"killed at {killed_at - t0:.0f} s, wall {time.monotonic() - t0:.0f} s")
-
-
 def _check_exactly_once(zoo: Path, planned: int) -> list[dict]:
     """Manifest entries = planned, distinct members in the Parquet files = planned, no duplicate
     ``(member, checkpoint, block_index)`` row, rows = what the entries say; returns the entries."""
@@ -136,21 +88,55 @@ ZOO_ARGS = ["--no-progress", "--set", "max_tasks=3", "--set", "members_per_task=
             "--set", "keep_last=2"]
 
 
+def _build_and_kill(cluster, zoo: Path, find_victim, kill, what: str):
+    """Start a 6-member build job; once a first member is written and ``find_victim(zoo)`` names a
+    victim, ``kill(victim, job)``; wait for the job.  -> (victim, rc, the job's output)."""
+    job = cluster.run_job(["jobs/build_zoo.py", "--config", str(TINY), "--output", str(zoo), *ZOO_ARGS])
+    try:
+        wait_for(lambda: _entries(zoo), 300, "a first member to be written")
+        victim = wait_for(lambda: find_victim(zoo), 120, what)
+        kill(victim, job)
+        rc = job.wait(timeout=420)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    return victim, rc, Path(job.log_path).read_text()
+
+
+def test_zoo_build_survives_node_loss_exactly_once(cluster, tmp_path):
+    """A worker node dies while members train on it; a replacement joins.  Every planned member is
+    done exactly once, the lost member was retried on a live node, and its attempts say so."""
+    zoo = tmp_path / "zoo"
+    planned = 6
+    t0 = time.monotonic()
+    killed_at = []
+    # the victim is a worker node that has just started training a member: a new open attempt marker
+    # names its node; looked for once a first member is written, so a member is lost mid-training
+    # and not before the pool ran at all
+    _, rc, out = _build_and_kill(cluster, zoo, lambda z: _training_node(cluster, z),
+                                 lambda node, job: (killed_at.append(time.monotonic()), cluster.replace(node)),
+                                 "a member training on a worker node")
+    assert rc == 0, out[-3000:]
+    entries = _check_exactly_once(zoo, planned)
+    # attempts recorded truthfully: the member lost with the node counts its lost attempt
+    lost = [e for e in entries if e["hparams"].get("lost_attempts", 0) >= 1]
+    assert lost, "no member records a lost attempt; attempts: " + \
+        str({e["member_id"]: e["hparams"].get("attempts") for e in entries})
+    assert all("node lost" in e["hparams"]["retry_reasons"] for e in lost), [e["hparams"] for e in lost]
+    assert sum(e["hparams"]["attempts"] for e in entries) == planned + len(lost)
+    assert f"{len(lost)} member(s) retried ({len(lost)} node lost)" in out, out[-2000:]
+    print(f"\nzoo node loss: {planned} planned, {len(entries)} entries, {len(lost)} retried after node loss; "
+          f"killed at {killed_at[0] - t0:.0f} s, wall {time.monotonic() - t0:.0f} s")
+
+
 def test_driver_sigkill_then_rerun_builds_only_the_rest(cluster, tmp_path):
     """The build's driver is SIGKILLed while members train (its actors die with it); a rerun skips
     every member already written, builds the rest, and the members that were in flight count the
     lost attempt."""
     zoo = tmp_path / "zoo"
     planned = 6
-    job = cluster.run_job(["jobs/build_zoo.py", "--config", str(TINY), "--output", str(zoo), *ZOO_ARGS])
-    try:
-        wait_for(lambda: _entries(zoo), 300, "a first member to be written")
-        inflight = wait_for(lambda: _open_attempt(zoo), 120, "a member in flight")
-        job.kill()                                                               # SIGKILL
-        job.wait(timeout=30)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    inflight, _, _ = _build_and_kill(cluster, zoo, _open_attempt, lambda v, job: job.kill(),   # SIGKILL
+                                     "a member in flight")
     time.sleep(3)                      # Ray notices the dead owner and stops its actors
     written_before = {e["member_id"] for e in _entries(zoo)}
     assert 0 < len(written_before) < planned, written_before
@@ -174,19 +160,10 @@ def test_actor_process_sigkill_is_retried_and_counted(cluster, tmp_path):
     """One actor process (a member training in it) is SIGKILLed: Ray restarts the actor, the member
     is retried, the build finishes exactly once and the member's entry counts the lost attempt."""
     zoo = tmp_path / "zoo"
-    planned = 6
-    job = cluster.run_job(["jobs/build_zoo.py", "--config", str(TINY), "--output", str(zoo), *ZOO_ARGS])
-    try:
-        wait_for(lambda: _entries(zoo), 300, "a first member to be written")
-        victim = wait_for(lambda: _open_attempt(zoo), 120, "a member in flight")
-        os.kill(int(victim["pid"]), signal.SIGKILL)
-        rc = job.wait(timeout=420)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    out = Path(job.log_path).read_text()
+    victim, rc, out = _build_and_kill(cluster, zoo, _open_attempt,
+                                      lambda v, job: os.kill(int(v["pid"]), signal.SIGKILL), "a member in flight")
     assert rc == 0, out[-3000:]
-    entries = _check_exactly_once(zoo, planned)
+    entries = _check_exactly_once(zoo, 6)
     h = {e["member_id"]: e for e in entries}[victim["member_id"]]["hparams"]
     assert h["attempts"] >= 2 and h["lost_attempts"] >= 1 and "worker lost" in h["retry_reasons"], h
     assert "retried (" in out and "worker lost" in out, out[-2000:]
@@ -212,7 +189,7 @@ def test_members_pack_on_a_node_that_declares_a_gpu_without_calling_cuda(cluster
         cluster.kill_node(gpu_node)
 
 
-PDIFF = ROOT / "jobs" / "configs" / "pdiff_tiny.yaml"
+DW = ROOT / "jobs" / "configs" / "denoised_weights_tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +203,7 @@ def train_cluster():
         c.shutdown()
 
 
-@pytest.mark.long                  # 8-15 min on 2 cores
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(1200)
 def test_training_survives_node_loss(train_cluster, tmp_path):
     """Two Ray Train workers (DeepSpeed ZeRO-2) on two nodes; one node dies after the first checkpoint:
     the run restarts from that checkpoint on the survivor and the replacement and ends at the planned
@@ -238,18 +214,17 @@ def test_training_survives_node_loss(train_cluster, tmp_path):
     spec = load_config(ZooSpec, TINY, ["max_tasks=3", "members_per_task=2", "hparams.epochs=[3,3]",
                                        f"output={tmp_path / 'zoo'}"])
     assert build_zoo(spec, use_ray=False, progress=False).done == 6
-    run = tmp_path / "runs" / "pdiff-tiny"
+    run = tmp_path / "runs" / "denoised-weights-tiny"
     t0 = time.monotonic()
     job = train_cluster.run_job([
-        "jobs/train_generator.py", "--config", str(PDIFF), "--set", f"zoo={tmp_path / 'zoo'}",
+        "jobs/train_generator.py", "--config", str(DW), "--set", f"zoo={tmp_path / 'zoo'}",
         "--set", f"storage={tmp_path / 'runs'}", "--set", "num_workers=2", "--set", "cpus_per_worker=2",
-        "--set", "zero_stage=2", "--set", "max_failures=2", "--set", "stages.autoencoder.steps=60",
-        "--set", "stages.diffusion.steps=4", "--set", "checkpoint_every=20", "--set", "batch_size=4",
-        "--set", "log_every=5"])
+        "--set", "zero_stage=2", "--set", "max_failures=2", "--set", "steps=60", "--set", "checkpoint_every=20",
+        "--set", "batch_size=4", "--set", "log_every=5"])
     try:
         # the checkpoint counts once Ray Train registered it (a node lost while the ranks upload is a
         # restart from the one before): its snapshot names it
-        snap = run / "autoencoder" / "checkpoint_manager_snapshot.json"
+        snap = run / "diffusion" / "checkpoint_manager_snapshot.json"
         wait_for(lambda: snap.exists() and "checkpoint-00000020" in snap.read_text(), 900, "the first checkpoint")
         killed_at = time.monotonic()
         train_cluster.replace(train_cluster.workers[0])
@@ -259,13 +234,13 @@ def test_training_survives_node_loss(train_cluster, tmp_path):
             job.kill()
     out = Path(job.log_path).read_text()
     assert rc == 0, out[-3000:]
-    ckpts = sorted(p.name for p in (run / "autoencoder").glob("checkpoint-*"))
+    ckpts = sorted(p.name for p in (run / "diffusion").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-00000020", "checkpoint-00000040", "checkpoint-00000060"], ckpts
-    done = json.loads((run / "stages" / "autoencoder" / "done.json").read_text())
+    done = json.loads((run / "stages" / "denoiser" / "done.json").read_text())
     assert done["steps"] == 60 and done["failures"] >= 1, done
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     fail_at = next(i for i, r in enumerate(log) if r.get("event") == "worker_failure")
-    after = [r["step"] for r in log[fail_at + 1:] if r.get("stage") == "autoencoder" and "step" in r]
+    after = [r["step"] for r in log[fail_at + 1:] if r.get("stage") == "diffusion" and "step" in r]
     assert after and after[0] > 20 and after[-1] == 60, after      # resumed from step 20, not from scratch
     print(f"\ntraining node loss: killed at {killed_at - t0:.0f} s, {done['failures']} failure(s), "
           f"resumed at step {after[0]}, exit {time.monotonic() - killed_at:.0f} s after the kill")
