@@ -1,6 +1,7 @@
 """Generator training on Ray Train V2 + DeepSpeed (CPU, gloo): config and preflight errors, a
-two-worker ZeRO-2 run that checkpoints and exports, a run that survives a killed worker, resume
-by run name, and the train-generator job's exit codes."""
+two-worker ZeRO-2 run that checkpoints and exports, a run that survives a killed worker (and
+verifies the state it restored), resume by run name, the checkpoint restore's fingerprint check,
+and the train-generator job's exit codes."""
 
 from __future__ import annotations
 
@@ -122,14 +123,26 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_local, tmp_
     assert _checkpoints(run, "autoencoder") == ["checkpoint-00000010", "checkpoint-00000020"]
     assert os.path.exists(os.path.join(run, "stages", "autoencoder", "done.json"))
     log = [json.loads(line) for line in open(os.path.join(run, "train_log.jsonl"))]
-    assert any(r.get("event") == "worker_failure" for r in log)
-    steps = [r["step"] for r in log if r.get("stage") == "autoencoder" and "step" in r]
-    assert steps.count(10) == 1 and steps[-1] == 20       # resumed after step 10, not from scratch
-    # without retries the same failure ends the run with an error naming the stage
+    # the killed attempt's reports (5, 10), its failure, then the restarted attempt's (15, 20), each once
+    seq = ["failure" if r.get("event") == "worker_failure" else r["step"] for r in log
+           if r.get("event") == "worker_failure" or r.get("stage") == "autoencoder"]
+    assert seq == [5, 10, "failure", 15, 20], seq            # resumed after step 10, not from scratch
+    first = log[3]
+    # the first report after the restart: every rank verified the model and optimiser state it loaded
+    # against the fingerprints saved with checkpoint 10 (a mismatch fails the worker)
+    assert first["restored_step"] == 10 and first["restored_world_size"] == 2 and first["restored_fingerprint"] is True
+    assert not any("restored_step" in r for r in log[:3] + log[4:])
+    meta = json.load(open(os.path.join(run, "autoencoder", "checkpoint-00000010", "rayweights_checkpoint.json")))
+    assert len(meta["fingerprints"]) == 2 and all(len(f) == 64 for f in meta["fingerprints"])
+    # without retries the same failure ends the run with an error naming the stage; the log keeps the
+    # reports the stage made before it failed
     bad = _cfg(zoo_uri, tmp_path, run_name="ft0", only_stages=["autoencoder"], max_failures=0,
-               fault_injection={"step": 5, "rank": 0, "mode": "raise"})
+               fault_injection={"step": 7, "rank": 0, "mode": "raise"})
     with pytest.raises(TrainError, match="stage autoencoder"):
         train_generator(bad, show_progress=False)
+    log0 = [json.loads(line) for line in open(os.path.join(tmp_path, "ft0", "train_log.jsonl"))]
+    assert [r["step"] for r in log0 if "step" in r] == [5]
+    assert any(r.get("event") == "worker_failure" for r in log0)
 
 
 def test_train_generator_job_exit_codes(ray_local, tmp_path, zoo_uri, capsys):
@@ -306,3 +319,73 @@ def test_zero3_on_two_ranks_builds_and_steps_every_d2nwg_stage(tmp_path, zoo_uri
     lists = {r: manager.list() for r in (0, 1)}
     mp.spawn(_two_rank_zero3, args=(port, cfg, lists), nprocs=2, join=True)
     assert [list(lists[r]) for r in (0, 1)] == [["vae", "dataset_encoder", "diffusion"]] * 2
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_a_restore_is_verified_against_the_saved_state_fingerprint(one_rank_process_group, tmp_path, zoo_uri,
+                                                                   zero_stage, monkeypatch):
+    """The worker's checkpoint write and restore (no Ray): a fresh engine restored from a checkpoint holds
+    exactly the saved model and optimiser state (its fingerprint equals the saved one); a checkpoint whose
+    files were changed after the save, or a load that leaves the fresh state, fails naming stage, step, rank."""
+    import dataclasses
+    import shutil
+
+    from rayweights.train.config import resolved_stage
+    from rayweights.train.worker import (CKPT_META, _tensors, build_engine, deepspeed_config, restore_checkpoint,
+                                         state_fingerprint, write_checkpoint)
+
+    cfg = _cfg(zoo_uri, tmp_path, zero_stage=zero_stage, num_workers=1, batch_size=8)
+    plan = preflight(cfg)
+    stage = "autoencoder"
+    ds_cfg = deepspeed_config(resolved_stage(cfg, stage), dataclasses.asdict(cfg), 1, False)
+    ds_cfg["zero_optimization"]["stage"] = zero_stage     # the worker runs ZeRO-0 for 1/2 on one rank; not here
+    flat = plan.zoo.blocks().reshape(len(plan.zoo.blocks()), -1)
+
+    def engine_of(seed):
+        torch.manual_seed(seed)
+        method = plan.method.from_state(plan.method.to_state())
+        return build_engine(method, stage, ds_cfg)[0], method
+
+    engine, method = engine_of(0)
+    for step in range(3):
+        loss = engine(**method.prepare(stage, {"weights": flat[torch.arange(8) + step]}))
+        engine.backward(loss)
+        engine.step()
+    ck = str(tmp_path / "ck")
+    meta = {"step": 3, "stage": stage, "tag": "step00000003", "world_size": 1, "zero_stage": zero_stage}
+    [saved] = write_checkpoint(engine, ck, meta, 0, 1)
+    assert json.load(open(os.path.join(ck, CKPT_META)))["fingerprints"] == [saved]
+
+    fresh, _ = engine_of(1)
+    assert state_fingerprint(fresh.module, fresh.optimizer) != saved
+    step, info = restore_checkpoint(fresh, ck, stage, 1, 0, zero_stage)
+    assert step == 3 and info == {"restored_step": 3, "restored_world_size": 1, "restored_fingerprint": True}
+    assert state_fingerprint(fresh.module, fresh.optimizer) == saved
+
+    # the saved optimiser state changed after the save: loaded as it is, it is not the saved state
+    bad = str(tmp_path / "bad")
+    shutil.copytree(ck, bad)
+    moments: list = []
+    for f in sorted(os.listdir(os.path.join(bad, "step00000003"))):      # ZeRO-0: model_states; else optim_states
+        path = os.path.join(bad, "step00000003", f)
+        sd = torch.load(path, weights_only=False)
+        moments = [t for name, t in _tensors(sd) if name.endswith("/exp_avg")]
+        if moments:
+            moments[0].view(-1)[0] += 1.0
+            torch.save(sd, path)
+            break
+    assert moments
+    with pytest.raises(RuntimeError, match=f"stage {stage}: the state restored .* \\(step 3\\) on rank 0 is not"):
+        restore_checkpoint(engine_of(2)[0], bad, stage, 1, 0, zero_stage)
+    # a load that leaves the fresh state (nothing restored) is caught too
+    fresh3, _ = engine_of(3)
+    monkeypatch.setattr(fresh3, "load_checkpoint", lambda d, tag=None, **kw: (d, {}))
+    with pytest.raises(RuntimeError, match="step 3.*rank 0.*not the state saved"):
+        restore_checkpoint(fresh3, ck, stage, 1, 0, zero_stage)
+    # a checkpoint of another world size loads the model only: said so, nothing to verify
+    if zero_stage < 3:
+        m = json.load(open(os.path.join(ck, CKPT_META)))
+        with open(os.path.join(ck, CKPT_META), "w") as f:
+            json.dump({**m, "world_size": 2}, f)
+        _, info = restore_checkpoint(engine_of(4)[0], ck, stage, 1, 0, zero_stage)
+        assert info == {"restored_step": 3, "restored_world_size": 2, "restored_fingerprint": False}

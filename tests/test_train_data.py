@@ -1,4 +1,5 @@
-"""rayweights.train.data: the in-memory shard (read once, reshuffled every epoch) and the size switch."""
+"""rayweights.train.data: the in-memory shard (read once, reshuffled every epoch) and the size switch;
+the worker's phase timer and training-state fingerprint."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from rayweights.config import ConfigError, from_dict
 from rayweights.train import GeneratorTrainConfig
 from rayweights.train.data import InMemoryShard, shard_megabytes
-from rayweights.train.worker import PhaseTimer, effective_zero_stage
+from rayweights.train.worker import PhaseTimer, effective_zero_stage, state_fingerprint
 
 
 class _Shard:
@@ -91,3 +92,35 @@ def test_phase_timer_splits_a_steps_time_into_its_phases():
     now[0] += 2e-3
     t.lap("step")
     assert t.report(1)["ms_step"] == pytest.approx(2.0) and sum(t.report(1).values()) == 0.0
+
+
+def test_state_fingerprint_sees_every_parameter_and_optimizer_moment():
+    def trained(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(2):
+            model(torch.randn(5, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    model, opt = trained(0)
+    fp = state_fingerprint(model, opt)
+    assert len(fp) == 64 and fp == state_fingerprint(model, opt) == state_fingerprint(*trained(0))
+    assert state_fingerprint(model) != fp                       # the optimiser state counts
+    twin, twin_opt = trained(0)                                 # a copy through state_dicts: the same
+    twin.load_state_dict(model.state_dict())
+    twin_opt.load_state_dict(opt.state_dict())
+    assert state_fingerprint(twin, twin_opt) == fp
+    with torch.no_grad():                                       # one parameter element, by the smallest step
+        p = model[1].bias
+        p[0] = torch.nextafter(p[0], torch.tensor(float("inf")))
+    assert state_fingerprint(model, opt) != fp
+    model, opt = trained(0)
+    opt.state[model[0].weight]["exp_avg_sq"][2, 1] *= 1.5       # one second moment element
+    assert state_fingerprint(model, opt) != fp
+    model, opt = trained(0)
+    opt.state[model[0].weight]["step"] += 1                     # the step count
+    assert state_fingerprint(model, opt) != fp
+    assert state_fingerprint(*trained(1)) != fp

@@ -46,7 +46,8 @@ class StageConfig:
 
 @dataclass
 class FaultInjection:
-    """Testing knob: kill one worker once at a given optimiser step (the run must survive it)."""
+    """Testing knob: kill one worker once at a given optimiser step (the run must survive it), once Ray
+    Train has registered the latest checkpoint before that step (the restart resumes from it)."""
 
     step: int = -1             # -1: disabled
     rank: int = 0

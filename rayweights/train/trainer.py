@@ -3,21 +3,28 @@
 Run layout (``<storage>/<run_name>``, a local folder or ``s3://``)::
 
     <run>/layout.json                 the zoo layout with the fitted per-group stats (written first)
-    <run>/<stage>/checkpoint-<step>/  Ray Train checkpoints: every rank's DeepSpeed shards + meta
+    <run>/<stage>/checkpoint-<step>/  Ray Train checkpoints: every rank's DeepSpeed shards and
+                                      rayweights_checkpoint.json (step, tag, world size, one
+                                      state fingerprint per rank, verified on restore)
     <run>/<stage>/fault-injected-*    (tests) markers of injected failures
     <run>/stages/<model>/             the trained model of a finished stage (save_pretrained) + done.json
     <run>/train_log.jsonl             one line per report: stage, step, loss, lr, samples/s and
                                       ms_<phase>: ms per step waiting for data, prepare, forward,
-                                      backward, optimiser step, reporting (worker.PhaseTimer)
+                                      backward, optimiser step, reporting (worker.PhaseTimer);
+                                      the first report after a restore adds restored_step,
+                                      restored_world_size, restored_fingerprint; one line per
+                                      worker failure (event). Appended as reports arrive: the
+                                      lines of a killed attempt or a failed stage stay
     <run>/export/                     the generator: generator.json, layout.json, scheduler/,
                                       conditions.safetensors, <model>/ per model (load_generator)
 
 Stages run in order as separate Ray Train runs named after the stage.  Re-running the same config
 (same ``run_name``) skips finished stages and resumes an unfinished one from its latest checkpoint
 (Ray Train restores the run from storage); within a run ``FailureConfig(max_failures)`` restarts
-the worker group from the latest checkpoint after a worker dies.
+the worker group from the latest checkpoint after a worker dies. Every rank verifies the state it
+restored against the fingerprint saved with the checkpoint (``worker.restore_checkpoint``).
 
-One module (~430 lines): preflight, the per-stage Ray Train run and its resume/skip rules are one
+One module (~460 lines): preflight, the per-stage Ray Train run and its resume/skip rules are one
 contract with the worker's checkpoint format (``worker.py``); the loop itself lives in the worker.
 """
 
@@ -205,49 +212,96 @@ def _progress_callback(queue):
     return ProgressCallback(queue)
 
 
+class _LogSink:
+    """``train_log.jsonl`` of a run, appended to as records arrive (flushed), so that the lines of an
+    attempt that is killed, or of a stage that fails, stay. On S3 (no appends) the object is rewritten
+    with the new lines added."""
+
+    def __init__(self, run):
+        self.loc = run.join("train_log.jsonl")
+        self.lock = threading.Lock()
+
+    def append(self, records: list) -> None:
+        if not records:
+            return
+        data = "".join(json.dumps(r, default=str) + "\n" for r in records).encode()
+        try:
+            with self.lock:
+                if self.loc.is_s3:
+                    old = read_bytes(self.loc) if exists(self.loc) else b""
+                    write_bytes_atomic(self.loc, old + data)
+                else:
+                    os.makedirs(os.path.dirname(self.loc.path), exist_ok=True)
+                    with open(self.loc.path, "ab") as f:
+                        f.write(data)
+                        f.flush()
+        except Exception as exc:  # noqa: BLE001 - the log must never fail the run
+            log.warning("%s: %d record(s) not written: %s", self.loc.uri, len(records), exc)
+
+
 class _Drain(threading.Thread):
-    def __init__(self, queue, stage: str, total: int, show: bool, records: list):
+    """Takes the progress queue's records as they come: logs them, moves the progress bar, keeps them
+    in ``records`` and appends each batch to the run's log (``sink``)."""
+
+    def __init__(self, queue, stage: str, total: int, show: bool, records: list, sink: _LogSink | None = None):
         super().__init__(daemon=True)
         self.q, self.stage, self.records, self.stop = queue, stage, records, threading.Event()
+        self.sink = sink
         self.bar = None
         if show:
             self.bar = tqdm(total=total, desc=f"train {stage}", unit="step", dynamic_ncols=True)
 
-    def handle(self, m: dict) -> None:
+    def handle(self, m: dict) -> dict:
         m = {"time": time.time(), **m}
         self.records.append(m)
         if m.get("event") == "worker_failure":
             log.warning("stage %s: worker(s) %s failed (%s); Ray Train restarts from the latest checkpoint",
                         self.stage, m.get("ranks"), m.get("error"))
-            return
+            return m
         log.info("stage %s step %s loss %.5g lr %.3g %.1f samples/s", self.stage, m.get("step"), m.get("loss", 0.0),
                  m.get("lr", 0.0), m.get("samples_per_s", 0.0))
         if self.bar is not None and "step" in m:
             self.bar.n = int(m["step"])
             self.bar.set_postfix(loss=f"{m.get('loss', 0):.4g}", sps=f"{m.get('samples_per_s', 0):.0f}")
             self.bar.refresh()
+        return m
+
+    def _take_all(self, first=None) -> None:
+        """Handle ``first`` and whatever else is queued now, then append them to the log at once."""
+        batch = [] if first is None else [first]
+        while True:
+            try:
+                batch.append(self.q.get_nowait())
+            except Exception:  # noqa: BLE001 - queue.Empty and shutdown races
+                break
+        done = []
+        for m in batch:
+            try:
+                done.append(self.handle(m))
+            except Exception:  # noqa: BLE001 - a malformed record must not stop the drain
+                continue
+        if self.sink is not None:
+            self.sink.append(done)
 
     def run(self):
         while not self.stop.is_set():
             try:
-                self.handle(self.q.get(timeout=0.5))
+                first = self.q.get(timeout=0.5)
             except Exception:  # noqa: BLE001 - queue.Empty and shutdown races
                 continue
+            self._take_all(first)
 
     def finish(self):
         self.stop.set()
         self.join(timeout=5)
-        while True:
-            try:
-                self.handle(self.q.get_nowait())
-            except Exception:  # noqa: BLE001
-                break
+        self._take_all()
         if self.bar is not None:
             self.bar.close()
 
 
 # ----------------------------------------------------------------------------- one stage
 def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> dict:
+    """One stage as one Ray Train run; its records go to ``records`` and, as they arrive, to the log."""
     import ray                                        # deferred: see the note at the imports
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -284,7 +338,7 @@ def _run_stage(plan: Plan, stage: str, show_progress: bool, records: list) -> di
     # its training thread): a minute is ample. Ray propagates the variable to the controller.
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", str(WORKER_HEALTH_CHECK_TIMEOUT_S))
     records_stage: list = []
-    drain = _Drain(queue, stage, sc["steps"], show_progress, records_stage)
+    drain = _Drain(queue, stage, sc["steps"], show_progress, records_stage, _LogSink(run_loc))
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker=resources),
@@ -387,8 +441,7 @@ def train_generator(cfg: GeneratorTrainConfig, address: str | None = None, show_
         else:
             raise TrainError(f"only_stages: stage {stage} has not been trained in {plan.run_uri} and is not selected")
         _finish_stage(method, stage, plan)
-        _append_log(run, records)
-        records.clear()
+    result.log = records
     method.save_pretrained(result.export_uri)
     write_bytes_atomic(run.join("export", "train_config.json"),
                        json.dumps(dataclasses.asdict(cfg), indent=1, default=str).encode())
@@ -408,16 +461,3 @@ def _check_cpus(cfg: GeneratorTrainConfig, address: str | None) -> None:
         raise TrainError(f"cpus_per_worker: {cfg.num_workers} workers x {cfg.cpus_per_worker:g} CPU leave "
                          f"{max(total - need, 0):g} of this Ray's {total:g} CPUs for Ray Data reads (1 needed); "
                          "lower cpus_per_worker or num_workers")
-
-
-def _append_log(run, records: list) -> None:
-    if not records:
-        return
-    loc = run.join("train_log.jsonl")
-    old = b""
-    try:
-        old = read_bytes(loc)
-    except FileNotFoundError:
-        pass
-    new = "".join(json.dumps(r, default=str) + "\n" for r in records).encode()
-    write_bytes_atomic(loc, old + new)

@@ -9,17 +9,25 @@ Checkpoints (every ``checkpoint_every`` optimiser steps and at the last step) ar
 checkpoints written by *every* rank into its local folder — DeepSpeed's file names carry the rank
 (``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``; ZeRO-3 also per-rank model states) — and
 reported by all ranks under one ``checkpoint_dir_name``, which Ray Train merges in storage.
-Rank 0 adds ``rayweights_checkpoint.json`` (step, stage, world size, ZeRO stage) and, at the last
-step, ``model/``: the full fp32 weights gathered from the ZeRO partitions, ``save_pretrained``.
+Rank 0 adds ``rayweights_checkpoint.json`` (step, stage, world size, ZeRO stage, and
+``fingerprints``: one :func:`state_fingerprint` per rank of the state that rank saved) and, at the
+last step, ``model/``: the full fp32 weights gathered from the ZeRO partitions, ``save_pretrained``.
 
-On (re)start the worker resumes from ``ray.train.get_checkpoint()``; DeepSpeed's files are read
-with ``torch.load(weights_only=True)`` and an explicit allowlist of DeepSpeed's own classes.
+On (re)start the worker resumes from ``ray.train.get_checkpoint()`` (:func:`restore_checkpoint`);
+DeepSpeed's files are read with ``torch.load(weights_only=True)`` and an explicit allowlist of
+DeepSpeed's own classes. With the world size of the checkpoint, every rank recomputes its
+fingerprint on the state it loaded and stops with an error naming stage, step and rank unless it
+equals the saved one (a damaged checkpoint, or a load that left the state as it was). The first
+report after a restore carries ``restored_step``, ``restored_world_size`` and
+``restored_fingerprint`` (True: verified; False: not verified: a checkpoint of another world size,
+whose model weights only are loaded, or one written without fingerprints).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import importlib
 import json
 import logging
@@ -30,7 +38,7 @@ import time
 import torch
 
 from ..generators import GeneratorMethod
-from ..storage import exists, resolve, write_bytes_atomic
+from ..storage import exists, read_bytes, resolve, write_bytes_atomic
 from .data import InMemoryShard
 
 # DeepSpeed and Ray Train are imported inside the functions that run in a training worker: importing
@@ -122,6 +130,55 @@ def install_safe_checkpoint_loading(engine) -> None:
     engine.checkpoint_engine = SafeTorchCheckpointEngine(engine._config)
 
 
+def _tensors(obj, path: str = ""):
+    """``(path, tensor)`` of every tensor in a nest of dicts, lists and tuples, in an order that depends
+    on the keys only (dict keys sorted as text)."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}/{i}")
+
+
+def state_fingerprint(module: torch.nn.Module, optimizer=None) -> str:
+    """sha256 of the training state one rank holds: the bytes of ``module``'s parameters (under ZeRO-3
+    the partition this rank owns, ``ds_tensor``) and of every tensor in ``optimizer.state_dict()``
+    (DeepSpeed's ZeRO optimisers: this rank's fp32 partition and the moments of its partition; a
+    torch optimiser: its moments and step counts), each with its name, dtype and shape.
+
+    Bitwise: equal after a save and load that restored the state exactly, different if one element of
+    a parameter or a moment differs. Local (no collective); costs one pass over the rank's state,
+    about what writing its checkpoint costs."""
+    h = hashlib.sha256()
+
+    def feed(name: str, t: torch.Tensor) -> None:
+        t = t.detach()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    for name, p in module.named_parameters():
+        part = getattr(p, "ds_tensor", None)
+        feed(f"param/{name}", p if part is None else part)
+    if optimizer is not None:
+        for path, t in _tensors(optimizer.state_dict()):
+            feed(f"optim{path}", t)
+    return h.hexdigest()
+
+
+def gather_fingerprints(fingerprint: str, world: int, device) -> list[str]:
+    """Every rank's fingerprint, in rank order, on every rank (one all_gather of 32 bytes a rank)."""
+    dist = torch.distributed
+    if world == 1 or not dist.is_initialized():
+        return [fingerprint]
+    mine = torch.frombuffer(bytearray(bytes.fromhex(fingerprint)), dtype=torch.uint8).to(device)
+    out = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(out, mine)
+    return [bytes(t.cpu().tolist()).hex() for t in out]
+
+
 def gather_fp32_state_dict(engine, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """Full fp32 weights of ``module`` from the (possibly ZeRO-partitioned, bf16) engine; collective:
     every rank must call it; returns the state_dict on rank 0, None elsewhere."""
@@ -184,10 +241,31 @@ def _fault(cfg: dict, stage: str, step: int, rank: int, first_stage: str) -> Non
     if exists(marker):       # inject once per run: the restarted attempt passes
         return
     write_bytes_atomic(marker, json.dumps({"step": step, "rank": rank, "time": time.time()}).encode())
+    every = int(cfg["checkpoint_every"])
+    _wait_until_registered(resolve(cfg["run_uri"]).join(stage), (step - 1) // every * every)
     log.warning("fault injection: rank %d dies at step %d (%s)", rank, step, fi["mode"])
     if fi["mode"] == "exit":
         os._exit(17)
     raise RuntimeError(f"fault injection at step {step} on rank {rank}")
+
+
+def _wait_until_registered(stage_loc, ckpt_step: int, timeout_s: float = 120.0) -> None:
+    """Before an injected fault: wait until Ray Train registered the checkpoint of ``ckpt_step`` (its
+    checkpoint manager snapshot names it), so that the restart resumes from it. A worker that dies right
+    after reporting a checkpoint can die before the controller collected every rank's report, and the
+    restart then starts from the checkpoint before (a real failure can do that; a test must not)."""
+    if ckpt_step <= 0:
+        return
+    snap, name = stage_loc.join("checkpoint_manager_snapshot.json"), f"checkpoint-{ckpt_step:08d}"
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if exists(snap) and name in read_bytes(snap).decode(errors="replace"):
+                return
+        except Exception:  # noqa: BLE001 - the snapshot is being rewritten
+            pass
+        time.sleep(0.2)
+    log.warning("fault injection: %s not registered after %.0f s; failing anyway", name, timeout_s)
 
 
 class PhaseTimer:
@@ -239,27 +317,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     total = int(sc["steps"])
     step = 0
+    restored: dict = {}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            with open(os.path.join(d, CKPT_META)) as f:
-                meta = json.load(f)
-            if meta["stage"] != stage:
-                raise RuntimeError(f"checkpoint {ckpt.path} is of stage {meta['stage']!r}, not {stage!r}")
-            if meta["world_size"] == world:
-                engine.load_checkpoint(d, tag=meta["tag"])
-            elif int(cfg["zero_stage"]) < 3:
-                log.warning("resuming a %d-worker checkpoint on %d workers: model weights only, optimiser reset",
-                            meta["world_size"], world)
-                engine.load_checkpoint(d, tag=meta["tag"], load_module_only=True, load_optimizer_states=False,
-                                       load_lr_scheduler_states=False)
-            else:
-                raise RuntimeError(f"checkpoint has ZeRO-3 partitions of {meta['world_size']} workers; resume with "
-                                   f"num_workers={meta['world_size']} (running {world})")
-            step = int(meta["step"])
-            engine.global_steps = step
-            if engine.lr_scheduler is not None and meta["world_size"] != world:
-                engine.lr_scheduler.last_batch_iteration = step - 1
+            step, restored = restore_checkpoint(engine, d, stage, world, rank, int(cfg["zero_stage"]), name=ckpt.path)
 
     shard = ray.train.get_dataset_shard("train")
     micro = ds_cfg["train_micro_batch_size_per_gpu"]
@@ -302,7 +364,8 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = {"stage": stage, "step": step, "epoch": epoch, "loss": float(stats[0] / max(stats[1], 1)),
                            "lr": float(engine.get_lr()[0]),
                            "samples_per_s": (step - step_last) * ds_cfg["train_batch_size"] / max(now - t_last, 1e-9),
-                           "world_size": world, **phases.report(step - step_last)}
+                           "world_size": world, **phases.report(step - step_last), **restored}
+                restored = {}
                 loss_sum, loss_n, t_last, step_last = 0.0, 0, now, step
                 if do_ckpt:
                     _report_with_checkpoint(engine, method, model_key, metrics, stage, step, world, cfg, rank, last)
@@ -317,22 +380,80 @@ def train_loop_per_worker(config: dict) -> None:
         epoch += 1
 
 
+def restore_checkpoint(engine, d: str, stage: str, world: int, rank: int, zero_stage: int,
+                       name: str | None = None) -> tuple[int, dict]:
+    """Load the checkpoint in folder ``d`` into ``engine`` and verify it: returns the checkpoint's step
+    and what the first report after the restore says about it (``restored_step``,
+    ``restored_world_size``, ``restored_fingerprint``).
+
+    With the checkpoint's world size the whole state (module, optimiser, LR schedule) is loaded and this
+    rank's :func:`state_fingerprint` of it must equal the one saved for the rank, else RuntimeError.
+    On another world size (ZeRO 0-2) the model weights only are loaded: the optimiser starts afresh and
+    there is nothing to compare; ZeRO-3 partitions of another world size are refused."""
+    name = name or d
+    with open(os.path.join(d, CKPT_META)) as f:
+        meta = json.load(f)
+    if meta["stage"] != stage:
+        raise RuntimeError(f"checkpoint {name} is of stage {meta['stage']!r}, not {stage!r}")
+    step, saved_world = int(meta["step"]), int(meta["world_size"])
+    info: dict = {"restored_step": step, "restored_world_size": saved_world}
+    if saved_world == world:
+        load_path, _ = engine.load_checkpoint(d, tag=meta["tag"])
+        if load_path is None:
+            raise RuntimeError(f"stage {stage}: checkpoint {name} (step {step}): DeepSpeed found nothing to load "
+                               f"under {meta['tag']}/ on rank {rank}")
+        saved = (meta.get("fingerprints") or [None] * world)[rank]
+        if saved is None:
+            log.warning("checkpoint %s has no state fingerprints: the restored state is not verified", name)
+            info["restored_fingerprint"] = False
+        else:
+            now = state_fingerprint(engine.module, engine.optimizer)
+            if now != saved:
+                raise RuntimeError(
+                    f"stage {stage}: the state restored from checkpoint {name} (step {step}) on rank {rank} is not "
+                    f"the state saved there (fingerprint {now[:16]} != saved {saved[:16]}): the checkpoint is "
+                    "damaged or was not fully loaded")
+            info["restored_fingerprint"] = True
+    elif zero_stage < 3:
+        log.warning("resuming a %d-worker checkpoint on %d workers: model weights only, optimiser reset",
+                    saved_world, world)
+        engine.load_checkpoint(d, tag=meta["tag"], load_module_only=True, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
+        info["restored_fingerprint"] = False
+    else:
+        raise RuntimeError(f"checkpoint has ZeRO-3 partitions of {saved_world} workers; resume with "
+                           f"num_workers={saved_world} (running {world})")
+    engine.global_steps = step
+    if engine.lr_scheduler is not None and saved_world != world:
+        engine.lr_scheduler.last_batch_iteration = step - 1
+    return step, info
+
+
+def write_checkpoint(engine, d: str, meta: dict, rank: int, world: int) -> list[str]:
+    """DeepSpeed's checkpoint of every rank under ``d/<meta["tag"]>``, and on rank 0 :data:`CKPT_META`:
+    ``meta`` with the folder's file names and every rank's :func:`state_fingerprint` (collective: every
+    rank calls it). Returns the fingerprints."""
+    fps = gather_fingerprints(state_fingerprint(engine.module, engine.optimizer), world, engine.device)
+    engine.save_checkpoint(d, tag=meta["tag"])
+    if rank == 0:
+        with open(os.path.join(d, CKPT_META), "w") as f:
+            json.dump({**meta, "files": sorted(os.listdir(os.path.join(d, meta["tag"]))), "fingerprints": fps}, f)
+    return fps
+
+
 def _report_with_checkpoint(engine, method, model_key, metrics, stage, step, world, cfg, rank, last):
     import ray.train                                  # deferred: see the note at the imports
 
     tag = f"step{step:08d}"
     with tempfile.TemporaryDirectory(prefix="rw-ckpt-") as d:
-        engine.save_checkpoint(d, tag=tag)
+        write_checkpoint(engine, d, {"step": step, "stage": stage, "tag": tag, "world_size": world,
+                                     "zero_stage": int(cfg["zero_stage"]), "method": method.name,
+                                     "final": bool(last)}, rank, world)
         if last:
             sd = gather_fp32_state_dict(engine, method.model(model_key))
             if rank == 0:
                 model = type(method.model(model_key)).from_config(method.model(model_key).config)
                 model.load_state_dict(sd)
                 model.save_pretrained(os.path.join(d, MODEL_DIR), safe_serialization=True)
-        if rank == 0:
-            with open(os.path.join(d, CKPT_META), "w") as f:
-                json.dump({"step": step, "stage": stage, "tag": tag, "world_size": world,
-                           "zero_stage": int(cfg["zero_stage"]), "method": method.name, "final": bool(last),
-                           "files": sorted(os.listdir(os.path.join(d, tag)))}, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint-{step:08d}")
