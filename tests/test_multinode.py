@@ -206,8 +206,9 @@ def train_cluster():
 @pytest.mark.timeout(1200)
 def test_training_survives_node_loss(train_cluster, tmp_path):
     """Two Ray Train workers (DeepSpeed ZeRO-2) on two nodes; one node dies after the first checkpoint:
-    the run restarts from that checkpoint on the survivor and the replacement and ends at the planned
-    step with the planned checkpoints; the driver exits by itself."""
+    the run restarts from that checkpoint on the survivor and the replacement with the saved model and
+    optimizer state (fingerprints verified), ends at the planned step with the planned checkpoints,
+    keeps the killed attempt's log lines, and the driver exits by itself."""
     from rayweights.config import load_config
     from rayweights.zoo import ZooSpec, build_zoo
 
@@ -242,5 +243,10 @@ def test_training_survives_node_loss(train_cluster, tmp_path):
     fail_at = next(i for i, r in enumerate(log) if r.get("event") == "worker_failure")
     after = [r["step"] for r in log[fail_at + 1:] if r.get("stage") == "diffusion" and "step" in r]
     assert after and after[0] > 20 and after[-1] == 60, after      # resumed from step 20, not from scratch
+    # the state was restored, not only the step: every rank's model + optimizer fingerprint after
+    # load_checkpoint equals the one saved with the checkpoint
+    first = next(r for r in log[fail_at + 1:] if "restored_step" in r)
+    assert first["restored_step"] in (20, 40) and first["restored_world_size"] == 2, first
+    assert first["restored_fingerprint"] is True, first
     print(f"\ntraining node loss: killed at {killed_at - t0:.0f} s, {done['failures']} failure(s), "
           f"resumed at step {after[0]}, exit {time.monotonic() - killed_at:.0f} s after the kill")
