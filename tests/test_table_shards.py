@@ -8,10 +8,9 @@ import time
 import pytest
 
 from rayweights.storage import list_files, resolve
-from rayweights.table import ZooWriter, open_zoo, vacuum_zoo
+from rayweights.table import CheckpointRecord, open_zoo, vacuum_zoo
 from rayweights.table import reader as reader_mod
-from test_table import make_sd, write_zoo  # noqa: F401 - shared helpers
-from rayweights.table import CheckpointRecord
+from test_table import make_sd, write_zoo
 
 
 def write_with_shard(uri, n_members=6, shard_every=3):

@@ -1,5 +1,5 @@
 """Reading a zoo: :func:`open_zoo` -> :class:`Zoo` (members, blocks, state_dicts, a Ray Data
-dataset, verification) and compaction under a new manifest version.  One module (~500 lines): the
+dataset, verification) and compaction under a new manifest version.  One module (~600 lines): the
 manifest rules of :func:`open_zoo` and the reads of :class:`Zoo` are one contract and change together
 (:mod:`.vacuum` reuses its manifest helpers, so retention protects exactly what a reader reads)."""
 
@@ -524,7 +524,13 @@ def _covered_shards(shards: Mapping[str, Sequence[tuple[str, int]]], listed_mtim
 
 
 def open_zoo(uri: str) -> Zoo:
-    """Open the zoo at ``uri`` (local folder, ``file://`` or ``s3://``) at its current manifest."""
+    """Open the zoo at ``uri`` (local folder, ``file://`` or ``s3://``) at its current manifest.
+
+    The manifest is the snapshot ``CURRENT`` names, merged with the entries ``members/<id>.json``
+    listed now that it lacks or that were written after it.  Such an entry is taken from a manifest
+    shard (``_manifest/shards/``, all read in parallel) when a shard row copies the very object
+    listed (:func:`_shard_row_matches`), else GET: a fresh 10^4-member build is consolidated from ten
+    shards, not 10^4 GETs, and a missing, torn or stale shard only costs GETs."""
     try:
         root = resolve(uri)
     except StorageError as exc:

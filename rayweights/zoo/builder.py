@@ -30,7 +30,7 @@ The member's manifest entry records ``attempts`` (all of them, lost ones include
 ``lost_attempts``; the markers are deleted once the member is written.  The summary says how many
 members were retried and why.
 
-One module (~440 lines): planning, the actor pool, attempt accounting and the manifest commit are
+One module (~490 lines): planning, the actor pool, attempt accounting and the manifest commit are
 the exactly-once contract of a build and change together.
 """
 
