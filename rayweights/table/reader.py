@@ -554,7 +554,7 @@ def open_zoo(uri: str) -> Zoo:
     fresh, fresh_mtimes, to_get = {}, {}, []
     for mid, info in _newer_entries(entries, snap, snap_mtimes):
         hit = next((r for r in by_member.get(mid, ()) if _shard_row_matches(
-            r, info, etags.get(mid) if root.is_s3 else None)), None)
+            r, info, etags.get(mid, "") if root.is_s3 else None)), None)
         if hit is None:
             to_get.append((mid, info))
         else:
