@@ -13,11 +13,12 @@ from ..errors import UserError, check_id
 from ..storage import Location, read_bytes
 
 __all__ = ["ZooError", "BadMember", "CheckpointRecord", "block_schema", "LAYOUT_FILE", "CURRENT_FILE",
-           "MANIFEST_VERSION", "MEMBER_COLUMNS"]
+           "MANIFEST_VERSION", "MEMBER_COLUMNS", "SHARDS_DIR"]
 
 
 LAYOUT_FILE = "layout.json"
 CURRENT_FILE = "_manifest/CURRENT"
+SHARDS_DIR = "_manifest/shards"                  # manifest shards: batches of entry rows written by builds
 _TABLE_FOLDERS = ("blocks/", "members/", "_manifest/", "failures/", "compacted/")
 _RETOKENIZED_FILE = "_retokenized.json"          # written last by Zoo.retokenize
 MANIFEST_VERSION = "rayweights.manifest/1"
@@ -56,6 +57,10 @@ _SNAPSHOT_SCHEMA = pa.schema([
     ("entry_mtime_ns", pa.int64()),
 ])
 MEMBER_COLUMNS = [f.name for f in _SNAPSHOT_SCHEMA if f.name != "entry_mtime_ns"]
+# A manifest shard (``_manifest/shards/<uuid>.parquet``): snapshot rows of the entries a build wrote, each
+# with what identifies the entry object it copies: its storage mtime, byte size and md5.  A reader takes a
+# row instead of GETting the entry only when the listing shows that very object (see reader._shard_row_matches).
+_SHARD_SCHEMA = pa.schema([*_SNAPSHOT_SCHEMA, ("entry_size", pa.int64()), ("entry_md5", pa.string())])
 
 
 @dataclass(frozen=True)

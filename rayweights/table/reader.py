@@ -1,10 +1,11 @@
 """Reading a zoo: :func:`open_zoo` -> :class:`Zoo` (members, blocks, state_dicts, a Ray Data
-dataset, verification) and compaction under a new manifest version.  One module (~500 lines): the
+dataset, verification) and compaction under a new manifest version.  One module (~600 lines): the
 manifest rules of :func:`open_zoo` and the reads of :class:`Zoo` are one contract and change together
 (:mod:`.vacuum` reuses its manifest helpers, so retention protects exactly what a reader reads)."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -24,8 +25,8 @@ import torch
 from ..blocks import WeightLayout
 from ..runtime import worker_env
 from ..storage import Location, StorageError, list_files, read_bytes, resolve, write_bytes_atomic
-from .format import (_SNAPSHOT_SCHEMA, CURRENT_FILE, MANIFEST_VERSION, MEMBER_COLUMNS, BadMember, ZooError,
-                     _read_layout)
+from .format import (_SNAPSHOT_SCHEMA, CURRENT_FILE, MANIFEST_VERSION, MEMBER_COLUMNS, SHARDS_DIR, BadMember,
+                     ZooError, _read_layout)
 
 __all__ = ["Zoo", "open_zoo", "compact_zoo"]
 
@@ -114,8 +115,11 @@ class Zoo:
 
     def __init__(self, root: Location, layout: WeightLayout, rows: list[dict], entry_mtimes: dict[str, int],
                  failures: list[dict], missing: list[str], version: int,
-                 corrupt_entries: dict[str, str] | None = None):
+                 corrupt_entries: dict[str, str] | None = None,
+                 shards: dict[str, list[tuple[str, int]]] | None = None, listed_mtimes: dict[str, int] | None = None):
         self.root = root
+        self._shards = dict(shards or {})            # manifest shards read: path -> [(member_id, entry_mtime_ns)]
+        self._listed_mtimes = dict(listed_mtimes or {})   # every listed entry's storage mtime
         self.layout = layout
         self._rows = rows
         self._entry_mtimes = entry_mtimes
@@ -439,8 +443,94 @@ def _read_entries(root: Location, items: Sequence[tuple[str, pafs.FileInfo]]
     return fresh, mtimes, corrupt
 
 
+def _list_entries_tagged(root: Location) -> tuple[dict[str, pafs.FileInfo], dict[str, str]]:
+    """:func:`_list_entries` plus, on S3, each entry's ETag (the same one LIST, through boto)."""
+    if not root.is_s3:
+        return _list_entries(root), {}
+    from ..storage import _s3fs
+
+    prefix = root.join("members").path
+    try:
+        found = _s3fs().find(prefix, detail=True)
+    except FileNotFoundError:
+        found = {}
+    except OSError as exc:
+        raise StorageError(f"cannot list {root.join('members').describe()}: {exc}") from exc
+    finally:
+        _s3fs().invalidate_cache(prefix)
+    entries: dict[str, pafs.FileInfo] = {}
+    etags: dict[str, str] = {}
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    for path, d in found.items():
+        name = posixpath.basename(path)
+        if not name.endswith(".json") or ".tmp-" in name or d.get("type", "file") != "file":
+            continue
+        lm = d.get("LastModified")
+        mtime_ns = (lm - epoch) // datetime.timedelta(microseconds=1) * 1000 if lm is not None else None
+        entries[name[:-5]] = pafs.FileInfo(path, pafs.FileType.File, mtime_ns=mtime_ns, size=d.get("size"))
+        etags[name[:-5]] = str(d.get("ETag", "")).strip('"')
+    return entries, etags
+
+
+def _shard_row_matches(row: Mapping, info: pafs.FileInfo, etag: str | None) -> bool:
+    """Whether shard ``row`` copies exactly the entry object the listing shows (``info``, ``etag``).
+
+    S3 timestamps are whole seconds, so a rewrite within the second of the shard's copy would show the
+    same mtime: there the listing's ETag (the md5 of a single-PUT object's bytes) must equal the md5
+    recorded in the shard, a content check; an ETag that is not a plain md5 (multipart, SSE-KMS) never
+    matches, and the entry is GET.  Locally the mtime is the filesystem's (nanoseconds, ticking every
+    few ms) and must match with the size; a whole-second mtime (a coarse filesystem) is in doubt: GET."""
+    if info.size is not None and int(row["entry_size"]) != int(info.size):
+        return False
+    if etag is not None:
+        return bool(etag) and etag == row["entry_md5"]
+    mtime = info.mtime_ns or 0
+    return mtime % 1_000_000_000 != 0 and int(row["entry_mtime_ns"]) == mtime
+
+
+def _read_shards(root: Location, infos: Sequence[pafs.FileInfo]) -> dict[str, list[dict]]:
+    """The manifest shards' rows by shard path (relative to the root), read in parallel; a shard deleted
+    since the listing, or torn, is left out (its entries are GET)."""
+
+    def read(info):
+        rel = posixpath.relpath(info.path, root.path)
+        try:
+            return rel, pq.read_table(info.path, filesystem=root.fs).to_pylist()
+        except FileNotFoundError:
+            return rel, None
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+            if "NoSuchKey" in str(exc) or "does not exist" in str(exc):
+                return rel, None
+            log.warning("zoo %s: manifest shard %s unreadable (%s); its entries are read one by one",
+                        root.describe(), rel, str(exc).strip().splitlines()[0][:120])
+            return rel, None
+
+    out: dict[str, list[dict]] = {}
+    if not infos:
+        return out
+    with ThreadPoolExecutor(max(1, min(16, len(infos)))) as ex:
+        for rel, rows in ex.map(read, infos):
+            if rows is not None:
+                out[rel] = rows
+    return out
+
+
+def _covered_shards(shards: Mapping[str, Sequence[tuple[str, int]]], listed_mtimes: Mapping[str, int],
+                    snap_mtimes: Mapping[str, int]) -> list[str]:
+    """The shards a snapshot covers: each row's member is no longer listed, or the snapshot holds an
+    entry of it at least as new as the row's (deleting a shard never loses a member: entries commit)."""
+    return [rel for rel, rows in shards.items()
+            if all(mid not in listed_mtimes or snap_mtimes.get(mid, -1) >= mtime for mid, mtime in rows)]
+
+
 def open_zoo(uri: str) -> Zoo:
-    """Open the zoo at ``uri`` (local folder, ``file://`` or ``s3://``) at its current manifest."""
+    """Open the zoo at ``uri`` (local folder, ``file://`` or ``s3://``) at its current manifest.
+
+    The manifest is the snapshot ``CURRENT`` names, merged with the entries ``members/<id>.json``
+    listed now that it lacks or that were written after it.  Such an entry is taken from a manifest
+    shard (``_manifest/shards/``, all read in parallel) when a shard row copies the very object
+    listed (:func:`_shard_row_matches`), else GET: a fresh 10^4-member build is consolidated from ten
+    shards, not 10^4 GETs, and a missing, torn or stale shard only costs GETs."""
     try:
         root = resolve(uri)
     except StorageError as exc:
@@ -449,9 +539,32 @@ def open_zoo(uri: str) -> Zoo:
     # 1. the consolidated snapshot (if any)
     version, snap_rel = _read_current(root)
     snap, snap_mtimes = _read_snapshot(root, snap_rel)
-    # 2. entries listed now (one LIST per 1000 keys); GET only those newer than the snapshot
-    entries = _list_entries(root)
-    fresh, fresh_mtimes, corrupt = _read_entries(root, _newer_entries(entries, snap, snap_mtimes))
+    # 2. manifest shards (a build's batches of entry rows), then the entries listed now (one LIST per 1000
+    #    keys); an entry newer than the snapshot comes from a shard row copying that very object, else a GET
+    shard_infos = list_files(root.join(*SHARDS_DIR.split("/")), ".parquet")
+    if shard_infos:
+        entries, etags = _list_entries_tagged(root)
+    else:
+        entries, etags = _list_entries(root), {}
+    shard_rows = _read_shards(root, shard_infos)
+    by_member: dict[str, list[dict]] = {}
+    for rows_ in shard_rows.values():
+        for r in rows_:
+            by_member.setdefault(r["member_id"], []).append(r)
+    fresh, fresh_mtimes, to_get = {}, {}, []
+    for mid, info in _newer_entries(entries, snap, snap_mtimes):
+        hit = next((r for r in by_member.get(mid, ()) if _shard_row_matches(
+            r, info, etags.get(mid, "") if root.is_s3 else None)), None)
+        if hit is None:
+            to_get.append((mid, info))
+        else:
+            fresh[mid] = {c: hit[c] for c in MEMBER_COLUMNS}
+            fresh_mtimes[mid] = info.mtime_ns or 0
+    got, got_mtimes, corrupt = _read_entries(root, to_get)
+    fresh.update(got)
+    fresh_mtimes.update(got_mtimes)
+    shards = {rel: [(r["member_id"], int(r["entry_mtime_ns"])) for r in rows_] for rel, rows_ in shard_rows.items()}
+    del by_member, shard_rows
     mtimes = {mid: snap_mtimes[mid] for mid in entries if mid in snap_mtimes}
     mtimes.update(fresh_mtimes)
     for mid in corrupt:
@@ -487,7 +600,8 @@ def open_zoo(uri: str) -> Zoo:
             continue
         if f.get("member_id") not in done:
             failures.append(f)
-    return Zoo(root, layout, rows, mtimes, failures, missing, version, corrupt)
+    return Zoo(root, layout, rows, mtimes, failures, missing, version, corrupt, shards=shards,
+               listed_mtimes={mid: info.mtime_ns or 0 for mid, info in entries.items()})
 
 
 def compact_zoo(uri: str, target_rows: int = 1_000_000) -> int:

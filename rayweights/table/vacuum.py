@@ -10,6 +10,10 @@ after the next one was published (the next snapshot file's storage time), so suc
 finds a file gone; timestamps are the storage's (whole seconds on some S3 servers), so keep the
 window well above a few seconds.  ``retain_seconds=0`` deletes everything the current manifest
 does not reference: only for a zoo that nothing reads, builds or compacts at the time.
+
+Manifest shards (``_manifest/shards/``) are an index of entries, not data a reader needs (a reader
+that finds one gone GETs the entries instead): a shard goes as soon as the current snapshot covers
+every row of it, whatever its age; one that still indexes an entry newer than the snapshot stays.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from ..storage import StorageError, delete, list_files, resolve
-from .format import ZooError, _read_layout
-from .reader import Zoo, _list_entries, _newer_entries, _read_current, _read_entries, _read_snapshot, open_zoo
+from .format import SHARDS_DIR, ZooError, _read_layout
+from .reader import (Zoo, _covered_shards, _list_entries, _newer_entries, _read_current, _read_entries, _read_shards,
+                     _read_snapshot, open_zoo)
 
 __all__ = ["DEFAULT_RETAIN_SECONDS", "VacuumReport", "vacuum_zoo", "live_files", "duckdb_source"]
 
@@ -121,11 +126,22 @@ def vacuum_zoo(uri: str, retain_seconds: float = DEFAULT_RETAIN_SECONDS, dry_run
             kept.append(root.join(rel).uri)
         else:
             to_delete.append((rel, info))
+    shard_infos = {posixpath.relpath(i.path, root.path): i
+                   for i in list_files(root.join(*SHARDS_DIR.split("/")), ".parquet")}
+    shard_rows = {rel: [(r["member_id"], int(r["entry_mtime_ns"])) for r in rows]
+                  for rel, rows in _read_shards(root, list(shard_infos.values())).items()}
+    listed = {mid: info.mtime_ns or 0 for mid, info in entries.items()}
+    current_in_snap = {mid: t for mid, t in current_mtimes.items() if mid in current_snap}
+    for rel in _covered_shards(shard_rows, listed, current_in_snap):
+        to_delete.append((rel, shard_infos[rel]))
+    for rel, info in shard_infos.items():               # unreadable (torn): indexes nothing; by the window
+        if rel not in shard_rows and not _recent(info, cutoff_ns):
+            to_delete.append((rel, info))
     for v in ordered:
         rel = f"_manifest/{snaps[v].base_name}"
         if v not in keep_snaps and rel != current_rel and not _recent(snaps[v], cutoff_ns):
             to_delete.append((rel, snaps[v]))
-    for rel, info in to_delete:                          # data files first, snapshots last
+    for rel, info in to_delete:                          # data files first, then shards, snapshots last
         loc = root.join(rel)
         if not dry_run:
             delete(loc)

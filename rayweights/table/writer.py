@@ -1,5 +1,13 @@
 """Writing a zoo: :class:`ZooWriter` (one member at a time, each visible only once complete, resumable)
-and :func:`retokenize` (a zoo's members under another layout)."""
+and :func:`retokenize` (a zoo's members under another layout).
+
+A member is committed by its manifest entry ``members/<id>.json``, written after its blocks file.
+A build also batches the entries' rows into manifest shards (:meth:`ZooWriter.write_manifest_shard`,
+``_manifest/shards/<uuid>.parquet``): a reader takes an entry's row from a shard instead of GETting
+the entry when the listing shows the very object the shard row copies, so :meth:`ZooWriter.consolidate`
+of a freshly built zoo reads a few shards instead of every entry.  Shards are an index, never the
+commit point: a missing, torn or stale shard only costs GETs.  Consolidation deletes the shards its
+new snapshot covers."""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import json
 import logging
 import posixpath
 import time
+import uuid
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -19,9 +28,9 @@ from tqdm.auto import tqdm
 from ..blocks import LayoutError, WeightLayout
 from ..storage import (Location, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve,
                        write_bytes_atomic)
-from .format import (_RETOKENIZED_FILE, _TABLE_FOLDERS, LAYOUT_FILE, MANIFEST_VERSION, CheckpointRecord, ZooError,
-                     _layout_difference, _read_layout, _safe_key, block_schema)
-from .reader import Zoo, open_zoo
+from .format import (_RETOKENIZED_FILE, _SHARD_SCHEMA, _TABLE_FOLDERS, LAYOUT_FILE, MANIFEST_VERSION,
+                     SHARDS_DIR, CheckpointRecord, ZooError, _layout_difference, _read_layout, _safe_key, block_schema)
+from .reader import Zoo, _covered_shards, _entry_to_row, open_zoo
 
 __all__ = ["ZooWriter", "retokenize"]
 
@@ -139,6 +148,22 @@ class ZooWriter:
     def write_member(self, member_id: str, task_id: str, condition: str, seed: int,
                      checkpoints: Sequence[CheckpointRecord], hparams: Mapping[str, Any] | None = None) -> dict:
         """Write a member's blocks file, then its manifest entry. Re-running overwrites both."""
+        return self._write_member(member_id, task_id, condition, seed, checkpoints, hparams)[0]
+
+    def write_member_row(self, member_id: str, task_id: str, condition: str, seed: int,
+                         checkpoints: Sequence[CheckpointRecord], hparams: Mapping[str, Any] | None = None
+                         ) -> tuple[dict, dict]:
+        """:meth:`write_member`, and the entry's manifest-shard row: its snapshot row plus the entry
+        object's storage mtime (one stat after the write), size and md5 (for
+        :meth:`write_manifest_shard`)."""
+        entry, data = self._write_member(member_id, task_id, condition, seed, checkpoints, hparams)
+        loc = self.root.join("members", f"{member_id}.json")
+        info = loc.fs.get_file_info(loc.path)
+        row = {**_entry_to_row(entry), "entry_mtime_ns": int(info.mtime_ns or 0), "entry_size": len(data),
+               "entry_md5": hashlib.md5(data).hexdigest()}
+        return entry, row
+
+    def _write_member(self, member_id, task_id, condition, seed, checkpoints, hparams) -> tuple[dict, bytes]:
         rel = self.member_file(task_id, member_id)
         table = self.build_table(member_id, task_id, condition, seed, checkpoints)
         sink = pa.BufferOutputStream()
@@ -154,11 +179,23 @@ class ZooWriter:
             "file": rel, "num_rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(),
             "size": data.size, "written_at": time.time(),
         }
-        write_bytes_atomic(self.root.join("members", f"{member_id}.json"),
-                           json.dumps(entry, default=float).encode())
+        raw = json.dumps(entry, default=float).encode()
+        write_bytes_atomic(self.root.join("members", f"{member_id}.json"), raw)
         # a success supersedes an earlier recorded failure
         delete(self.root.join("failures", f"{member_id}.json"))
-        return entry
+        return entry, raw
+
+    def write_manifest_shard(self, rows: Sequence[Mapping[str, Any]]) -> str | None:
+        """Write the rows of :meth:`write_member_row` (entries already written) as one manifest shard
+        ``_manifest/shards/<uuid>.parquet``; returns its path relative to the root (None: no rows)."""
+        if not rows:
+            return None
+        rel = f"{SHARDS_DIR}/{uuid.uuid4().hex}.parquet"
+        cols = {f.name: [r[f.name] for r in rows] for f in _SHARD_SCHEMA}
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(cols, schema=_SHARD_SCHEMA), sink)
+        write_bytes_atomic(self.root.join(*rel.split("/")), sink.getvalue())
+        return rel
 
     def record_failure(self, member_id: str, task_id: str, error: str, attempts: int = 1) -> None:
         _safe_key(member_id, "member_id")
@@ -167,9 +204,17 @@ class ZooWriter:
         write_bytes_atomic(self.root.join("failures", f"{member_id}.json"), json.dumps(entry).encode())
 
     def consolidate(self) -> int:
-        """Fold every manifest entry into a new snapshot; returns the new manifest version."""
+        """Fold every manifest entry into a new snapshot; returns the new manifest version.  Entries
+        that manifest shards copy are taken from the shards (no GET each); after ``CURRENT`` names the
+        new snapshot, the shards it covers are deleted."""
         zoo = open_zoo(self.uri)
-        return zoo._publish(zoo._rows, zoo._entry_mtimes)
+        version = zoo._publish(zoo._rows, zoo._entry_mtimes)
+        published = {r["member_id"] for r in zoo._rows}
+        covered = _covered_shards(zoo._shards, zoo._listed_mtimes,
+                                  {m: t for m, t in zoo._entry_mtimes.items() if m in published})
+        for rel in covered:
+            delete(self.root.join(*rel.split("/")))
+        return version
 
 
 def retokenize(src: Zoo | str, dst: str, layout: WeightLayout, files: Mapping[str, bytes] | None = None,

@@ -13,7 +13,13 @@
    build is idempotent and resumable — rerunning skips finished members.  A member that raises is
    retried ``max_retries`` times (Ray also restarts crashed actors), then recorded in
    ``failures/`` with its traceback: never silently dropped, never half visible;
-5. the manifest is consolidated and a :class:`BuildSummary` returned.
+5. the worker hands the driver its entry's manifest row (``ZooWriter.write_member_row``: the row,
+   the entry object's mtime, size and md5); the driver writes them as a manifest shard every
+   ``SHARD_ROWS`` members and at the end, and keeps only counters, a bounded sample of member times
+   and the failures (at most ``MAX_FAILURES_LISTED`` listed): its memory does not grow with the
+   members built.  Entries stay the commit point (a shard lost with the driver only costs GETs);
+6. the manifest is consolidated — from the shards, not one GET per entry — and a
+   :class:`BuildSummary` returned.
 
 Attempts are counted across processes and nodes: each attempt of a member first writes a marker
 ``_attempts/<member_id>/<token>.json`` (node, process, start time) and closes it with its outcome.
@@ -24,7 +30,7 @@ The member's manifest entry records ``attempts`` (all of them, lost ones include
 ``lost_attempts``; the markers are deleted once the member is written.  The summary says how many
 members were retried and why.
 
-One module (~440 lines): planning, the actor pool, attempt accounting and the manifest commit are
+One module (~490 lines): planning, the actor pool, attempt accounting and the manifest commit are
 the exactly-once contract of a build and change together.
 """
 
@@ -35,6 +41,7 @@ import logging
 import os
 import posixpath
 import socket
+import random
 import time
 import traceback
 import uuid
@@ -59,6 +66,10 @@ log = logging.getLogger(__name__)
 # Ray is imported inside the functions that use it: planning, a resume check or a build without Ray
 # (use_ray=False) stay free of Ray's import cost.
 
+SHARD_ROWS = 1000                 # manifest rows per shard the driver writes
+MAX_FAILURES_LISTED = 100         # failures listed in a summary (all are counted, all are in failures/)
+MEMBER_SECONDS_SAMPLE = 1000      # member times kept in a summary (a uniform sample beyond that)
+
 __all__ = ["BuildSummary", "build_zoo", "prepare", "plan_tasks", "zoo_layout", "member_rows", "train_and_write"]
 
 
@@ -70,12 +81,13 @@ class BuildSummary:
     skipped: int
     failed: int
     wall_seconds: float
-    failures: list[tuple[str, str]]
+    failures: list[tuple[str, str]]           # (member_id, error), the first MAX_FAILURES_LISTED
     held_out: int = 0
     score_metric: str = ""
     score_mean: float = float("nan")
     shared: dict = field(default_factory=dict)
-    member_seconds: list[float] = field(default_factory=list)   # train+write time of each member this run
+    member_seconds: list[float] = field(default_factory=list)   # train+write times of this run's members
+    # (all of them up to MEMBER_SECONDS_SAMPLE members, a uniform sample of that many beyond)
     retried: int = 0                # members (done or failed this run) that needed more than one attempt
     retry_reasons: dict = field(default_factory=dict)   # why attempts were repeated -> count of attempts
 
@@ -265,7 +277,7 @@ def train_and_write(spec: ZooSpec, writer: ZooWriter, row: dict, device: str | N
     def result(status: str, error: str, score: float) -> dict:
         return {"member_id": row["member_id"], "status": status, "attempts": len(earlier) + len(marks.mine),
                 "seconds": time.perf_counter() - t0, "error": error, "score": score,
-                "retry_reasons": ",".join(reasons)}
+                "retry_reasons": ",".join(reasons), "manifest_row": ""}
 
     for attempt in range(1, attempts + 1):
         try:
@@ -274,17 +286,18 @@ def train_and_write(spec: ZooSpec, writer: ZooWriter, row: dict, device: str | N
                 raise RuntimeError(f"injected failure for {row['member_id']} (fail_members, attempt {attempt})")
             kept = fam.train_member(spec, task, row["seed"], hp, select_names, device)
             total = len(earlier) + len(marks.mine)
-            writer.write_member(row["member_id"], row["task_id"], row["condition"], row["seed"],
-                                [CheckpointRecord(step=s, state_dict=sd, metrics=m) for s, sd, m in kept],
-                                hparams={**hp, "architecture": spec.architecture, "attempts": total,
-                                         "lost_attempts": lost, "retry_reasons": ",".join(reasons),
-                                         "device": device})
+            _, manifest_row = writer.write_member_row(
+                row["member_id"], row["task_id"], row["condition"], row["seed"],
+                [CheckpointRecord(step=s, state_dict=sd, metrics=m) for s, sd, m in kept],
+                hparams={**hp, "architecture": spec.architecture, "attempts": total,
+                         "lost_attempts": lost, "retry_reasons": ",".join(reasons), "device": device})
             try:
                 marks.close("done")
                 marks.clear()
             except Exception:  # noqa: BLE001 - the member is written; a stale marker is only clutter
                 log.warning("member %s: could not clear its attempt markers", row["member_id"])
-            return result("done", "", float(kept[-1][2].get(fam.score_metric, float("nan"))))
+            return {**result("done", "", float(kept[-1][2].get(fam.score_metric, float("nan")))),
+                    "manifest_row": json.dumps(manifest_row)}
         except Exception:  # noqa: BLE001 - retried, then recorded: never silently dropped
             err = traceback.format_exc()
             last = err.strip().splitlines()[-1]
@@ -306,7 +319,7 @@ def train_and_write(spec: ZooSpec, writer: ZooWriter, row: dict, device: str | N
     return result("failed", err.strip().splitlines()[-1], float("nan"))
 
 
-_RESULT_KEYS = ("member_id", "status", "attempts", "seconds", "error", "score", "retry_reasons")
+_RESULT_KEYS = ("member_id", "status", "attempts", "seconds", "error", "score", "retry_reasons", "manifest_row")
 
 
 class _MemberTrainer:
@@ -381,15 +394,14 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, p
     done_before = writer.done_members()
     todo = [r for r in rows if r["member_id"] not in done_before]
     skipped = len(rows) - len(todo)
-    results: list[dict] = []
     shared: dict = {}
     bar = tqdm(total=len(todo), desc=f"zoo {spec.name}", unit="member", disable=not progress or not todo)
+    acc = _Tally(writer)
 
     def tick(res: dict):
-        results.append(res)
+        acc.add(res)
         bar.update(1)
-        bar.set_postfix(done=sum(r["status"] == "done" for r in results),
-                        failed=sum(r["status"] == "failed" for r in results))
+        bar.set_postfix(done=acc.done, failed=acc.failed)
 
     if todo and use_ray:
         import ray                                    # deferred: see the note at the imports
@@ -418,16 +430,60 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, p
         finally:
             torch.set_num_threads(threads)
     bar.close()
+    acc.flush()
     writer.consolidate()
-    failed = [r for r in results if r["status"] == "failed"]
-    reasons: dict[str, int] = {}
-    for r in results:
-        for why in filter(None, str(r.get("retry_reasons", "")).split(",")):
-            reasons[why] = reasons.get(why, 0) + 1
-    scores = [r["score"] for r in results if r["status"] == "done" and r["score"] == r["score"]]
-    return BuildSummary(spec.output, len(rows), len(results) - len(failed), skipped, len(failed),
-                        time.perf_counter() - t0, [(r["member_id"], r["error"]) for r in failed],
+    return BuildSummary(spec.output, len(rows), acc.done, skipped, acc.failed,
+                        time.perf_counter() - t0, acc.failures,
                         held_out=len(held_out), score_metric=fam.score_metric,
-                        score_mean=sum(scores) / len(scores) if scores else float("nan"), shared=shared or {},
-                        member_seconds=[float(r["seconds"]) for r in results],
-                        retried=sum(int(r["attempts"]) > 1 for r in results), retry_reasons=reasons)
+                        score_mean=acc.score_sum / acc.scored if acc.scored else float("nan"), shared=shared or {},
+                        member_seconds=acc.seconds, retried=acc.retried, retry_reasons=acc.reasons)
+
+
+class _Tally:
+    """The driver's account of a build: counters, bounded lists, and the manifest rows not yet in a shard."""
+
+    def __init__(self, writer: ZooWriter):
+        self.writer = writer
+        self.done = self.failed = self.retried = self.scored = self.seen = 0
+        self.score_sum = 0.0
+        self.failures: list[tuple[str, str]] = []
+        self.reasons: dict[str, int] = {}
+        self.seconds: list[float] = []
+        self.pending: list[dict] = []
+        self._rng = random.Random(0)
+
+    def add(self, res: dict) -> None:
+        self.seen += 1
+        if res["status"] == "done":
+            self.done += 1
+            if res["score"] == res["score"]:
+                self.score_sum += float(res["score"])
+                self.scored += 1
+            if res.get("manifest_row"):
+                self.pending.append(json.loads(res["manifest_row"]))
+                if len(self.pending) >= SHARD_ROWS:
+                    self.flush()
+        else:
+            self.failed += 1
+            if len(self.failures) < MAX_FAILURES_LISTED:
+                self.failures.append((res["member_id"], res["error"]))
+        self.retried += int(res["attempts"]) > 1
+        for why in filter(None, str(res.get("retry_reasons", "")).split(",")):
+            self.reasons[why] = self.reasons.get(why, 0) + 1
+        sec = float(res["seconds"])                  # reservoir sample (Algorithm R)
+        if len(self.seconds) < MEMBER_SECONDS_SAMPLE:
+            self.seconds.append(sec)
+        else:
+            j = self._rng.randrange(self.seen)
+            if j < MEMBER_SECONDS_SAMPLE:
+                self.seconds[j] = sec
+
+    def flush(self) -> None:
+        """Write the pending rows as one manifest shard.  A failed write loses nothing (the entries are
+        written; consolidation then GETs them)."""
+        rows, self.pending = self.pending, []
+        try:
+            self.writer.write_manifest_shard(rows)
+        except Exception as exc:  # noqa: BLE001 - the shard is an index only
+            log.warning("zoo %s: could not write a manifest shard of %d rows (%s); consolidation reads "
+                        "those entries one by one", self.writer.uri, len(rows), exc)
