@@ -49,7 +49,7 @@ def start_moto():
     server.start()
     ep = f"http://127.0.0.1:{port}"
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": ep, "RAYWEIGHTS_S3_ENDPOINT": ep})
+                       "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": ep, "RAYWEIGHTS_S3_ENDPOINT": ep})
     boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket="bench")
     return server
 

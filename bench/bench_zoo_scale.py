@@ -36,6 +36,8 @@ from rayweights.blocks import WeightLayout
 from rayweights.storage import delete, list_files, resolve
 from rayweights.table import CheckpointRecord, ZooWriter, open_zoo
 
+from bench_table import start_moto  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "specs", "tiny.yaml")
 TASKS = 250                      # digits 5-of-10 subsets, less the two held out
 
@@ -62,24 +64,6 @@ class PeakRSS:
         self._stop.set()
         self._t.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
-def start_moto():
-    import socket
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    ep = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": ep, "RAYWEIGHTS_S3_ENDPOINT": ep})
-    boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket="bench")
-    return server
 
 
 def timed(fn):
