@@ -133,7 +133,7 @@ def synthetic(uri: str, n: int, threads: int) -> dict:
     return row
 
 
-def build(uri: str, n: int, workers: int) -> dict:
+def build(uri: str, n: int, workers: int, blocks: str = "bounded") -> dict:
     from rayweights.config import load_config
     from rayweights.runtime import ray_init
     from rayweights.zoo import ZooSpec, build_zoo
@@ -157,7 +157,10 @@ def build(uri: str, n: int, workers: int) -> dict:
         cons.append(s)
         return v
 
+    real_blocks = builder.input_blocks
     builder._Tally.add, ZooWriter.consolidate = add, consolidate
+    if blocks == "per-member":                       # the plan as one Ray Data block per member (before)
+        builder.input_blocks = lambda members, workers: members
     try:
         with PeakRSS() as mem:
             t0 = time.perf_counter()
@@ -165,8 +168,10 @@ def build(uri: str, n: int, workers: int) -> dict:
             wall = time.perf_counter() - t0
     finally:
         builder._Tally.add, ZooWriter.consolidate = real_add, real_cons
+        builder.input_blocks = real_blocks
     assert res.failed == 0, res.failures[:3]
-    row = {"mode": "build", "members": res.done, "build_s": wall, "fixed_s": first[0] - t0,
+    nblocks = n if blocks == "per-member" else real_blocks(n, workers)
+    row = {"mode": f"build, {nblocks} input blocks", "members": res.done, "build_s": wall, "fixed_s": first[0] - t0,
            "rss_peak_mb": mem.peak / 2**20, "rss_growth_mb": (mem.peak - mem.base) / 2**20,
            "member_s_median": sorted(res.member_seconds)[len(res.member_seconds) // 2]}
     return consolidations(uri, ZooWriter(uri, open_zoo(uri).layout), row, with_shards_s=cons[-1])
@@ -179,6 +184,9 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=16, help="writer threads of --consolidate-only")
     ap.add_argument("--consolidate-only", action="store_true")
+    ap.add_argument("--input-blocks", nargs="+", choices=["bounded", "per-member"], default=["bounded"],
+                    help="how a build hands its plan to Ray Data: bounded (the builder's input_blocks) or one "
+                         "block per member (before); several values run side by side")
     a = ap.parse_args()
     torch.set_num_threads(1)
     storages = ["local", "s3"] if a.storage == "both" else [a.storage]
@@ -188,13 +196,15 @@ def main():
     try:
         for storage in storages:
             for n in a.members:
-                uri = os.path.join(tmp, f"zoo-{n}") if storage == "local" else f"s3://bench/scale-{n}-{time.time_ns()}"
-                r = synthetic(uri, n, a.threads) if a.consolidate_only else build(uri, n, a.workers)
-                r["storage"] = storage if storage == "local" else "s3-loopback"
-                rows.append(r)
-                print(r, flush=True)
-                if storage == "local":
-                    shutil.rmtree(uri, ignore_errors=True)
+                for blocks in (["-"] if a.consolidate_only else a.input_blocks):
+                    uri = os.path.join(tmp, f"zoo-{n}") if storage == "local" else \
+                        f"s3://bench/scale-{n}-{time.time_ns()}"
+                    r = synthetic(uri, n, a.threads) if a.consolidate_only else build(uri, n, a.workers, blocks)
+                    r["storage"] = storage if storage == "local" else "s3-loopback"
+                    rows.append(r)
+                    print(r, flush=True)
+                    if storage == "local":
+                        shutil.rmtree(uri, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if server is not None:

@@ -178,3 +178,51 @@ def test_concepts_zoo_on_the_actor_pool_resumes_without_retraining_the_base(tmp_
     mtime = base.stat().st_mtime_ns
     again = build_zoo(s)
     assert (again.done, again.skipped) == (0, 3) and base.stat().st_mtime_ns == mtime
+
+
+def test_the_plan_goes_to_ray_data_in_a_bounded_number_of_blocks():
+    from rayweights.zoo.builder import MIN_INPUT_BLOCKS, input_blocks
+
+    assert input_blocks(6, 2) == 6                                   # small builds: one member per block
+    assert input_blocks(10_000, 2) == MIN_INPUT_BLOCKS == input_blocks(100_000, 2)
+    assert input_blocks(100_000, 64) == 16 * 64                      # many workers: 16 blocks each
+    assert input_blocks(0, 2) == 1
+
+
+def test_a_retried_block_does_not_retrain_members_this_build_wrote(tmp_path):
+    """A block of several members whose task is retried (actor or node lost) skips the members this
+    build already wrote; members written by an earlier build (in the plan because the resume check
+    found them corrupt) and missing ones are trained."""
+    import time
+
+    from rayweights.config import to_dict
+    from rayweights.zoo.builder import _MemberTrainer, prepare, train_and_write
+
+    s = spec(str(tmp_path / "zoo"))
+    writer, rows, _ = prepare(s)
+    old = train_and_write(s, writer, rows[0])                        # an earlier build's member
+    time.sleep(0.05)
+    started = time.time()
+    written = train_and_write(s, writer, rows[1])                    # written by this build's lost task
+    assert old["status"] == written["status"] == "done"
+    trainer = _MemberTrainer(to_dict(s), writer.layout.to_json(), {}, skip_written_since=started)
+    batch = {k: [r[k] for r in rows[:3]] for k in ("member_id", "task_id", "condition", "group", "classes", "seed")}
+    out = trainer(batch)
+    assert out["member_id"] == [r["member_id"] for r in rows[:3]] and set(out["status"]) == {"done"}
+    assert out["seconds"][1] == 0.0 and out["manifest_row"][1] == ""        # skipped, not retrained
+    assert out["score"][1] == pytest.approx(written["score"])
+    assert out["seconds"][0] > 0 and out["seconds"][2] > 0                  # retrained / trained
+    assert json.loads(out["manifest_row"][0])["member_id"] == rows[0]["member_id"]
+    # without the option (one member per block) nothing is skipped
+    again = _MemberTrainer(to_dict(s), writer.layout.to_json(), {})({k: v[1:2] for k, v in batch.items()})
+    assert again["seconds"][0] > 0
+
+
+def test_build_with_several_members_per_input_block(tmp_path, ray_local, monkeypatch):
+    from rayweights.zoo import builder
+
+    monkeypatch.setattr(builder, "input_blocks", lambda members, workers: 2)
+    uri = str(tmp_path / "zoo")
+    summary = build_zoo(spec(uri))
+    assert (summary.done, summary.skipped, summary.failed, summary.retried) == (6, 0, 0, 0)
+    check_zoo(uri, 6)

@@ -6,9 +6,12 @@
    reserved), data paths, the layout, and a probe write to the output URI — and writes
    ``zoo_spec.json`` (the spec and the held-out conditions, for later stages);
 2. the family's shared work runs once (a base generator, per-dataset features), cached in the zoo;
-3. members not yet in the manifest become a ``ray.data.Dataset``; they train inside
+3. members not yet in the manifest become a ``ray.data.Dataset`` of at most
+   :func:`input_blocks` blocks (one member per block for small builds, several beyond
+   ``max(256, 16 x workers)`` blocks: Ray Data's driver state is per block); they train inside
    ``map_batches`` on an actor pool (``compute=ActorPoolStrategy``) with ``num_cpus`` and
-   fractional ``num_gpus`` per actor, so several members share a GPU;
+   fractional ``num_gpus`` per actor, so several members share a GPU.  A retried block (its actor
+   or node died) skips the members this build already wrote (``_written_since``);
 4. each member writes its blocks file, then its manifest entry (``ZooWriter.write_member``): the
    build is idempotent and resumable — rerunning skips finished members.  A member that raises is
    retried ``max_retries`` times (Ray also restarts crashed actors), then recorded in
@@ -69,6 +72,16 @@ log = logging.getLogger(__name__)
 SHARD_ROWS = 1000                 # manifest rows per shard the driver writes
 MAX_FAILURES_LISTED = 100         # failures listed in a summary (all are counted, all are in failures/)
 MEMBER_SECONDS_SAMPLE = 1000      # member times kept in a summary (a uniform sample beyond that)
+MIN_INPUT_BLOCKS = 256            # the plan goes to Ray Data in max(this, 16 x workers) blocks at most
+
+
+def input_blocks(members: int, workers: int) -> int:
+    """How many Ray Data input blocks a plan of ``members`` is split into: one member per block up to
+    ``max(MIN_INPUT_BLOCKS, 16 * workers)`` blocks, then several per block.  Ray Data's driver-side
+    state and scheduling cost are per block (~12 KB and ~4 ms each, bench/RESULTS.md "Zoos of 10^4
+    members"), so a bounded count keeps the driver flat in the number of members, and 16 blocks per
+    worker keep the tail balanced."""
+    return max(1, min(members, max(MIN_INPUT_BLOCKS, 16 * workers)))
 
 __all__ = ["BuildSummary", "build_zoo", "prepare", "plan_tasks", "zoo_layout", "member_rows", "train_and_write"]
 
@@ -325,23 +338,49 @@ _RESULT_KEYS = ("member_id", "status", "attempts", "seconds", "error", "score", 
 class _MemberTrainer:
     """Actor-pool UDF: each actor holds the spec and the writer; a batch is one or more members."""
 
-    def __init__(self, spec: dict, layout_json: str, env: dict):
+    def __init__(self, spec: dict, layout_json: str, env: dict, skip_written_since: float | None = None):
         for k, v in env.items():
             os.environ.setdefault(k, v)
         self.spec = from_dict(ZooSpec, spec)
         torch.set_num_threads(max(1, int(self.spec.resources.num_cpus)))
         self.writer = ZooWriter(self.spec.output, WeightLayout.from_json(layout_json))
         self.device = families.resolve_device(self.spec)
+        self.since = skip_written_since
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {k: [] for k in _RESULT_KEYS}
         keys = ("member_id", "task_id", "condition", "group", "classes", "seed")
         for i in range(len(batch["member_id"])):
             row = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]) for k in keys}
-            res = train_and_write(self.spec, self.writer, row, self.device)
+            res = None if self.since is None else _written_since(self.spec, self.writer, row, self.since)
+            if res is None:
+                res = train_and_write(self.spec, self.writer, row, self.device)
             for k in out:
                 out[k].append(res[k])
         return out
+
+
+def _written_since(spec: ZooSpec, writer: ZooWriter, row: dict, since: float) -> dict | None:
+    """The result of a member this build already wrote (its entry parses and was written at or after
+    ``since``, the build's start), or None.  When an input block holds several members and its task is
+    retried (its actor or node died), the members the lost task had finished are not trained again.
+    An entry from an earlier build (written before ``since``) or an unreadable one is not a skip: the
+    plan only holds such members when the resume check found them missing or corrupt."""
+    try:
+        e = json.loads(read_bytes(writer.root.join("members", f"{row['member_id']}.json")))
+        if float(e["written_at"]) < since:
+            return None
+        h = e.get("hparams") or {}
+        last = (e.get("metrics") or [{}])[-1]
+        score = float(last.get(get_family(spec.family).score_metric, float("nan")))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+    log.info("member %s: written earlier in this build (a retried input block); not trained again", row["member_id"])
+    return {"member_id": row["member_id"], "status": "done", "attempts": int(h.get("attempts", 1)), "seconds": 0.0,
+            "error": "", "score": score, "retry_reasons": str(h.get("retry_reasons", "")),
+            "manifest_row": ""}          # not in a shard: consolidation GETs this entry
 
 
 def prepare(spec: ZooSpec) -> tuple[ZooWriter, list[dict], list[Task]]:
@@ -391,6 +430,7 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, p
          "held_out_task_ids": [t.task_id for t in held_out]}, indent=1).encode())
     fam = get_family(spec.family)
     t0 = time.perf_counter()
+    started = time.time()
     done_before = writer.done_members()
     todo = [r for r in rows if r["member_id"] not in done_before]
     skipped = len(rows) - len(todo)
@@ -410,11 +450,15 @@ def build_zoo(spec: ZooSpec, address: str | None = None, use_ray: bool = True, p
         runtime.ray_init(address)
         shared = _run_shared(spec, use_ray=True)
         workers = max(1, min(spec.resources.workers, len(todo)))
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        blocks = input_blocks(len(todo), workers)
+        ds = ray.data.from_items(todo, override_num_blocks=blocks)
         env = worker_env()
         ds = ds.map_batches(_MemberTrainer, batch_size=1,
                             fn_constructor_kwargs={"spec": to_dict(spec), "layout_json": writer.layout.to_json(),
-                                                   "env": env},
+                                                   "env": env,
+                                                   # several members per block: a retried block skips its
+                                                   # members already written (one entry GET each)
+                                                   "skip_written_since": started if blocks < len(todo) else None},
                             compute=ActorPoolStrategy(size=workers),
                             num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus or None)
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
