@@ -72,19 +72,21 @@ def _check_exactly_once(zoo: Path, planned: int) -> list[dict]:
     return entries
 
 
-def _open_attempt(zoo: Path):
-    """An open attempt marker (a member training right now): its contents, or None."""
+def _open_attempt(zoo: Path, started_within_s: float = 2.0):
+    """An attempt marker opened in the last ``started_within_s`` seconds and still open (a member that
+    has most of its training ahead): its contents, or None."""
     for marker in (zoo / "_attempts").glob("*/*.json"):
         try:
             m = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
-        if m.get("outcome") is None:
+        if m.get("outcome") is None and time.time() - m.get("started", 0.0) < started_within_s:
             return {**m, "member_id": marker.parent.name}
     return None
 
 
-ZOO_ARGS = ["--no-progress", "--set", "max_tasks=3", "--set", "members_per_task=2", "--set", "hparams.epochs=[40,40]",
+# 150 epochs: a member trains for seconds even on an idle machine, so a kill lands while one is in flight
+ZOO_ARGS = ["--no-progress", "--set", "max_tasks=3", "--set", "members_per_task=2", "--set", "hparams.epochs=[150,150]",
             "--set", "keep_last=2"]
 
 
@@ -94,7 +96,7 @@ def _build_and_kill(cluster, zoo: Path, find_victim, kill, what: str):
     job = cluster.run_job(["jobs/build_zoo.py", "--config", str(TINY), "--output", str(zoo), *ZOO_ARGS])
     try:
         wait_for(lambda: _entries(zoo), 300, "a first member to be written")
-        victim = wait_for(lambda: find_victim(zoo), 120, what)
+        victim = wait_for(lambda: find_victim(zoo), 120, what, every=0.1)
         kill(victim, job)
         rc = job.wait(timeout=420)
     finally:
