@@ -515,6 +515,16 @@ def _read_shards(root: Location, infos: Sequence[pafs.FileInfo]) -> dict[str, li
     return out
 
 
+def _list_shards(root: Location) -> list[pafs.FileInfo]:
+    """The manifest shards present now (one listing)."""
+    return list_files(root.join(*SHARDS_DIR.split("/")), ".parquet")
+
+
+def _shard_members(shard_rows: Mapping[str, Sequence[Mapping]]) -> dict[str, list[tuple[str, int]]]:
+    """What each shard indexes: ``{shard path: [(member_id, entry_mtime_ns)]}`` (for :func:`_covered_shards`)."""
+    return {rel: [(r["member_id"], int(r["entry_mtime_ns"])) for r in rows] for rel, rows in shard_rows.items()}
+
+
 def _covered_shards(shards: Mapping[str, Sequence[tuple[str, int]]], listed_mtimes: Mapping[str, int],
                     snap_mtimes: Mapping[str, int]) -> list[str]:
     """The shards a snapshot covers: each row's member is no longer listed, or the snapshot holds an
@@ -541,7 +551,7 @@ def open_zoo(uri: str) -> Zoo:
     snap, snap_mtimes = _read_snapshot(root, snap_rel)
     # 2. manifest shards (a build's batches of entry rows), then the entries listed now (one LIST per 1000
     #    keys); an entry newer than the snapshot comes from a shard row copying that very object, else a GET
-    shard_infos = list_files(root.join(*SHARDS_DIR.split("/")), ".parquet")
+    shard_infos = _list_shards(root)
     if shard_infos:
         entries, etags = _list_entries_tagged(root)
     else:
@@ -563,7 +573,7 @@ def open_zoo(uri: str) -> Zoo:
     got, got_mtimes, corrupt = _read_entries(root, to_get)
     fresh.update(got)
     fresh_mtimes.update(got_mtimes)
-    shards = {rel: [(r["member_id"], int(r["entry_mtime_ns"])) for r in rows_] for rel, rows_ in shard_rows.items()}
+    shards = _shard_members(shard_rows)
     del by_member, shard_rows
     mtimes = {mid: snap_mtimes[mid] for mid in entries if mid in snap_mtimes}
     mtimes.update(fresh_mtimes)

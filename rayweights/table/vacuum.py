@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from ..storage import StorageError, delete, list_files, resolve
-from .format import SHARDS_DIR, ZooError, _read_layout
-from .reader import (Zoo, _covered_shards, _list_entries, _newer_entries, _read_current, _read_entries, _read_shards,
-                     _read_snapshot, open_zoo)
+from .format import ZooError, _read_layout
+from .reader import (Zoo, _covered_shards, _list_entries, _list_shards, _newer_entries, _read_current, _read_entries,
+                     _read_shards, _read_snapshot, _shard_members, open_zoo)
 
 __all__ = ["DEFAULT_RETAIN_SECONDS", "VacuumReport", "vacuum_zoo", "live_files", "duckdb_source"]
 
@@ -126,10 +126,8 @@ def vacuum_zoo(uri: str, retain_seconds: float = DEFAULT_RETAIN_SECONDS, dry_run
             kept.append(root.join(rel).uri)
         else:
             to_delete.append((rel, info))
-    shard_infos = {posixpath.relpath(i.path, root.path): i
-                   for i in list_files(root.join(*SHARDS_DIR.split("/")), ".parquet")}
-    shard_rows = {rel: [(r["member_id"], int(r["entry_mtime_ns"])) for r in rows]
-                  for rel, rows in _read_shards(root, list(shard_infos.values())).items()}
+    shard_infos = {posixpath.relpath(i.path, root.path): i for i in _list_shards(root)}
+    shard_rows = _shard_members(_read_shards(root, list(shard_infos.values())))
     listed = {mid: info.mtime_ns or 0 for mid, info in entries.items()}
     current_in_snap = {mid: t for mid, t in current_mtimes.items() if mid in current_snap}
     for rel in _covered_shards(shard_rows, listed, current_in_snap):
