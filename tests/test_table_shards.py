@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rayweights.storage import list_files, resolve
+from rayweights.storage import list_files, read_bytes, resolve
 from rayweights.table import CheckpointRecord, open_zoo, vacuum_zoo
 from rayweights.table import reader as reader_mod
 from test_table import make_sd, write_zoo
@@ -55,32 +55,33 @@ def check_members(uri, n):
     return zoo
 
 
-def _consolidation_from_shards(uri, entry_gets):
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def uri(request, tmp_path):
+    """A zoo URI in a local folder, and on S3 on loopback."""
+    return str(tmp_path / "zoo") if request.param == "local" else request.getfixturevalue("s3_uri")
+
+
+def test_consolidation_reads_shards_not_entries(uri, entry_gets):
     w = write_with_shard(uri)
     assert len(shard_files(uri)) == 2
-    plain = open_zoo(uri)       # what GETting every entry gives
+    before = open_zoo(uri)      # before consolidation: the entries' rows come from the shards too
     entry_gets.clear()
     v = w.consolidate()
     assert v == 1 and entry_gets == []                    # zero GETs of entries
     assert shard_files(uri) == []                         # covered by the snapshot: deleted
     zoo = check_members(uri, 6)
-    assert zoo.members.equals(plain.members)
-    assert zoo._entry_mtimes == plain._entry_mtimes
+    # the rows taken from the shards are the entries' own rows (each entry GET here, outside the reader)
+    root = resolve(uri)
+    from_entries = [reader_mod._entry_to_row(json.loads(read_bytes(root.join("members", f"m{m}.json"))))
+                    for m in range(6)]
+    assert zoo.members.to_pylist() == from_entries
+    assert zoo._entry_mtimes == before._entry_mtimes
     entry_gets.clear()
     open_zoo(uri)
     assert entry_gets == []                               # the snapshot alone
 
 
-def test_consolidation_reads_shards_not_entries(tmp_path, entry_gets):
-    _consolidation_from_shards(str(tmp_path / "zoo"), entry_gets)
-
-
-@pytest.mark.s3
-def test_consolidation_reads_shards_not_entries_s3(s3_uri, entry_gets):
-    _consolidation_from_shards(s3_uri, entry_gets)
-
-
-def _rewritten_member_read_from_entry(uri, entry_gets):
+def test_member_rewritten_after_its_shard_is_read_from_its_entry(uri, entry_gets):
     w = write_with_shard(uri)
     # m1 rewritten after its shard was written (within the same second on S3: whole-second mtimes)
     w.write_member("m1", "t1", "cond-1", 1, [CheckpointRecord(step=0, state_dict=make_sd(1), metrics={"acc": 9.0})],
@@ -93,15 +94,6 @@ def _rewritten_member_read_from_entry(uri, entry_gets):
     # the shard holding the stale m1 row is covered (the snapshot has the newer entry): deleted
     assert shard_files(uri) == []
     assert json.loads(open_zoo(uri).members.to_pylist()[1]["hparams"])["lr"] == 0.2
-
-
-def test_member_rewritten_after_its_shard_is_read_from_its_entry(tmp_path, entry_gets):
-    _rewritten_member_read_from_entry(str(tmp_path / "zoo"), entry_gets)
-
-
-@pytest.mark.s3
-def test_member_rewritten_after_its_shard_is_read_from_its_entry_s3(s3_uri, entry_gets):
-    _rewritten_member_read_from_entry(s3_uri, entry_gets)
 
 
 def test_torn_or_missing_shard_falls_back_to_gets(tmp_path, entry_gets):

@@ -237,7 +237,7 @@ def test_d2nwg_stage_modules_initialize_and_step_under_each_zero_stage(one_rank_
                                                     "diffusion": {"steps": 2}})
     plan = preflight(cfg)
     method, zoo = plan.method, plan.zoo
-    flat = zoo.blocks().reshape(len(zoo.blocks()), -1)
+    flat = zoo.blocks().flatten(1)
     names = method.condition_names
     cond = torch.tensor([names.index(c) for r in zoo.members.to_pylist() for c in [r["condition"]] * 2])
     for stage in method.stages:
@@ -283,7 +283,7 @@ def _two_rank_zero3(rank: int, port: int, cfg, stages_seen):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     plan = preflight(cfg)
     method = plan.method
-    flat = plan.zoo.blocks().reshape(len(plan.zoo.blocks()), -1)
+    flat = plan.zoo.blocks().flatten(1)
     names = method.condition_names
     cond = torch.tensor([names.index(r["condition"]) for r in plan.zoo.members.to_pylist() for _ in range(2)])
     for stage in method.stages:
@@ -331,15 +331,15 @@ def test_a_restore_is_verified_against_the_saved_state_fingerprint(one_rank_proc
     import shutil
 
     from rayweights.train.config import resolved_stage
-    from rayweights.train.worker import (CKPT_META, _tensors, build_engine, deepspeed_config, restore_checkpoint,
-                                         state_fingerprint, write_checkpoint)
+    from rayweights.train.worker import (CKPT_META, _deepspeed_safe_globals, _tensors, build_engine, deepspeed_config,
+                                         restore_checkpoint, state_fingerprint, write_checkpoint)
 
     cfg = _cfg(zoo_uri, tmp_path, zero_stage=zero_stage, num_workers=1, batch_size=8)
     plan = preflight(cfg)
     stage = "autoencoder"
     ds_cfg = deepspeed_config(resolved_stage(cfg, stage), dataclasses.asdict(cfg), 1, False)
     ds_cfg["zero_optimization"]["stage"] = zero_stage     # the worker runs ZeRO-0 for 1/2 on one rank; not here
-    flat = plan.zoo.blocks().reshape(len(plan.zoo.blocks()), -1)
+    flat = plan.zoo.blocks().flatten(1)
 
     def engine_of(seed):
         torch.manual_seed(seed)
@@ -368,7 +368,8 @@ def test_a_restore_is_verified_against_the_saved_state_fingerprint(one_rank_proc
     moments: list = []
     for f in sorted(os.listdir(os.path.join(bad, "step00000003"))):      # ZeRO-0: model_states; else optim_states
         path = os.path.join(bad, "step00000003", f)
-        sd = torch.load(path, weights_only=False)
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):      # as the engine loads it
+            sd = torch.load(path, weights_only=True)
         moments = [t for name, t in _tensors(sd) if name.endswith("/exp_avg")]
         if moments:
             moments[0].view(-1)[0] += 1.0
