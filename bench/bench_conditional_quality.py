@@ -9,7 +9,13 @@ the Ray Train worker wraps, one process), samples every held-out task with the r
 default (``--mode``, ``--t``, ``--steps``) and prints one table per method: per held-out task the
 epoch-0 accuracy of the generated weight sets vs random init, nearest zoo checkpoint + noise and
 the checkpoint average; then per-tensor statistics in the zoo's range, invalid weight sets and
-diversity within / between conditions (relative to the zoo's).
+diversity within / between conditions (relative to the zoo's), and the fit on four seen tasks
+(generated vs the members' own accuracy).
+
+    python bench/bench_conditional_quality.py --methods d2nwg --heads --zoo DIR --sampling one_step:500 ddim:50
+
+builds ``jobs/specs/digits_heads.yaml`` instead: every 4-class task but the held-out ones, members that
+train only the classifier head on one shared frozen body (the default-tier quality gate's zoo).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch  # noqa: E402
 
 from rayweights.table import open_zoo  # noqa: E402
 from rayweights.zoo.spec import read_zoo_spec  # noqa: E402
-from tests.condkit import (HELD_OUT, build_subsets_zoo, make_method, score, table, train_config,  # noqa: E402
+from tests.condkit import (HEADS_SPEC, build_spec_zoo, HELD_OUT, seen_fit, build_subsets_zoo, make_method, score, table, train_config,  # noqa: E402
                            train_in_process)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +49,15 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="training config override key=value")
     p.add_argument("--init", choices=["member", "shared"], default="member",
                    help="zoo members' initialisation when the zoo is built here (ZooSpec.init)")
+    p.add_argument("--max-tasks", type=int, default=10, help="tasks of the zoo built here (0: all C(10, 4))")
+    p.add_argument("--select", default=None,
+                   help="train and keep only these parameters (e.g. last:1: heads on the shared frozen body)")
+    p.add_argument("--hidden", type=int, default=16)
+    p.add_argument("--no-norm", action="store_true", help="MLP-3 without BatchNorm")
+    p.add_argument("--epochs", type=int, nargs=2, default=(5, 6), help="members' epoch range")
+    p.add_argument("--heads", action="store_true",
+                   help="build the quality gate's heads zoo (jobs/specs/digits_heads.yaml: every 4-class task, heads "
+                        "on one shared frozen body); overrides --init/--max-tasks/--select/--hidden/--epochs")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     zdir = a.zoo or os.path.join(tempfile.mkdtemp(prefix="bench-cond-"), "zoo")
@@ -50,7 +65,8 @@ def main(argv=None) -> int:
     if os.path.exists(os.path.join(zdir, "_manifest")):
         zoo = open_zoo(zdir)
     else:
-        zoo, _ = build_subsets_zoo(zdir, init=a.init)
+        zoo, _ = build_spec_zoo(HEADS_SPEC, zdir) if a.heads else build_subsets_zoo(zdir, init=a.init, max_tasks=a.max_tasks, select=a.select, hidden=a.hidden,
+                                   norm=not a.no_norm, epochs=tuple(a.epochs))
     spec, held = read_zoo_spec(zoo.uri)
     print(f"zoo {zdir}: {len(zoo)} members, {len(zoo.conditions())} tasks, held out {held or HELD_OUT} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -76,6 +92,7 @@ def main(argv=None) -> int:
             print(f"\nsampling {mode}{' t=' + str(t) if mode == 'one_step' else ' steps=' + str(steps)}, "
                   f"{a.samples} per task\n", flush=True)
             print(table(f"{name}, {mode_spec}", s), flush=True)
+            print("\nseen tasks (fit): " + seen_fit(m, zoo, spec, a.samples, mode=mode, t=t, steps=steps), flush=True)
             wins_r = sum(t.beats_random for t in s.tasks)
             wins_n = sum(t.beats_nearest_noise for t in s.tasks)
             print(f"\nabove random on {wins_r}/{len(s.tasks)} held-out tasks, above nearest + noise on "

@@ -37,17 +37,31 @@ except ImportError:                     # a checkout before the zoo family's dat
         return read(open_zoo(uri))
 
 HELD_OUT = ["digits:0,1,2,5", "digits:3,4,7,8", "digits:1,6,8,9"]
+# heads on one shared frozen body: every 4-class task but the held-out ones, 2 members each
+HEADS_SPEC = "jobs/specs/digits_heads.yaml"
 
 
 def build_subsets_zoo(output: str, max_tasks: int = 10, held_out=HELD_OUT, members: int = 2, epochs=(5, 6),
-                      hidden: int = 16, keep_last: int = 2, block_size: int = 128, init: str = "member"):
-    """A 4-class digits-subsets zoo of an MLP-3 (BatchNorm) built in this process (no Ray)."""
+                      hidden: int = 16, keep_last: int = 2, block_size: int = 128, init: str = "member",
+                      select=None, norm: bool = True):
+    """A 4-class digits-subsets zoo of an MLP-3 built in this process (no Ray).  ``select``: train
+    and keep only these parameters (e.g. ``"last:1"``, the head on a frozen shared body)."""
     spec = ZooSpec(name="digits-4class", output=output, family="dataset-subsets", dataset="digits",
                    classes_per_task=4, max_tasks=max_tasks, held_out=list(held_out), architecture="mlp3",
-                   arch_options={"hidden": hidden}, members_per_task=members, keep_last=keep_last,
-                   block_size=block_size, rule=1, init=init)
+                   arch_options={"hidden": hidden, "norm": norm}, members_per_task=members, keep_last=keep_last,
+                   block_size=block_size, rule=1, init=init, select=select, train_only_selected=select is not None)
     spec.hparams.lr = [0.005, 0.02]
     spec.hparams.epochs = list(epochs)
+    build_zoo(spec, use_ray=False, progress=False)
+    return open_zoo(output), spec
+
+
+def build_spec_zoo(path: str, output: str):
+    """The zoo of a shipped spec file, built in this process (no Ray) into ``output``."""
+    import os
+
+    spec = load_config(ZooSpec, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path),
+                       [f"output={output}"])
     build_zoo(spec, use_ray=False, progress=False)
     return open_zoo(output), spec
 
@@ -150,12 +164,18 @@ def train_in_process(method, cfg: GeneratorTrainConfig, zoo, seed: int = 0, fini
 
 
 # ----------------------------------------------------------------------------- scoring
+def _model(spec, task, seed: int = 0):
+    """The member's starting network as the zoo's recipe builds it (``init: shared``: the zoo's one
+    initialisation, so parameters a layout leaves out are the frozen body the members trained on)."""
+    return families.subsets.ClassifierRecipe(spec, task).build_model(seed)
+
+
 def _acc(spec, condition: str, sds) -> list[float]:
     task = families.task_from_condition(condition)
     _, (Xva, yva) = families.task_data(spec, task)
     out = []
     for sd in sds:
-        model = architectures.build(spec.architecture, tuple(Xva.shape[1:]), len(task.classes), **spec.arch_options)
+        model = _model(spec, task)
         if sd is not None:
             model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=False)
         model.eval()
@@ -165,14 +185,19 @@ def _acc(spec, condition: str, sds) -> list[float]:
     return out
 
 
-def _random_sds(spec, condition: str, n: int):
+def _random_sds(spec, condition: str, n: int, names=()):
+    """Random init of the layout's parameters ``names``: the recipe's initialisation of member seed
+    ``s``; with ``init: shared`` these parameters are drawn afresh (seeded), the rest stay the zoo's body."""
     task = families.task_from_condition(condition)
-    _, (Xva, _) = families.task_data(spec, task)
     sds = []
     for s in range(n):
-        torch.manual_seed(s)
-        sds.append(architectures.build(spec.architecture, tuple(Xva.shape[1:]), len(task.classes),
-                                       **spec.arch_options).state_dict())
+        sd = _model(spec, task, s).state_dict()
+        if spec.init == "shared":
+            torch.manual_seed(1000 + s)
+            fresh = architectures.build(spec.architecture, tuple(families.task_data(spec, task)[0][0].shape[1:]),
+                                        len(task.classes), **spec.arch_options).state_dict()
+            sd.update({k: fresh[k] for k in names})
+        sds.append(sd)
     return sds
 
 
@@ -242,7 +267,7 @@ def score(samples: dict[str, torch.Tensor], zoo, spec, noise_frac: float = 0.1, 
     for cond, x in samples.items():
         n = x.shape[0]
         gen = _acc(spec, cond, [L.detokenize(b * L.valid_mask) for b in x])
-        rnd = _acc(spec, cond, _random_sds(spec, cond, n))
+        rnd = _acc(spec, cond, _random_sds(spec, cond, n, [p.name for p in L.params]))
         if anchor == "sample":        # evaluate's default: the zoo checkpoint nearest to generated sample 0
             keys = list(last)
             d = torch.cdist(torch.nan_to_num(x[:1]).reshape(1, -1),
@@ -275,6 +300,22 @@ def score(samples: dict[str, torch.Tensor], zoo, spec, noise_frac: float = 0.1, 
     return Score(tasks, 1.0 - len(outside) / max(1, len(within)), outside, invalid_fraction(flat, L),
                  float(wpair.median()) / float(member_spread), between / zoo_between,
                  float(wpair.min()) / float(member_spread), d.notes)
+
+
+def seen_fit(method, zoo, spec, n: int = 6, tasks: int = 4, **sample_kw) -> str:
+    """Epoch-0 accuracy of generated weights for ``tasks`` of the zoo's own (seen) tasks beside their
+    members' final checkpoints: how well the generator fits what it was trained on."""
+    L = method.layout
+    rows = zoo.members.to_pylist()
+    conds = sorted({r["condition"] for r in rows})
+    out = []
+    for i, c in enumerate(conds[:: max(1, len(conds) // tasks)][:tasks]):
+        x = L.denormalize(method.sample([c], n, seed=200 + i, **sample_kw))
+        gen = _acc(spec, c, [L.detokenize(b * L.valid_mask) for b in x])
+        zoo_acc = _acc(spec, c, [zoo.layout.detokenize(zoo.blocks([r["member_id"]])[-1])
+                                 for r in rows if r["condition"] == c])
+        out.append(f"{c} generated {_mean(gen):.3f} / zoo {_mean(zoo_acc):.3f}")
+    return "; ".join(out)
 
 
 def table(name: str, s: Score) -> str:
