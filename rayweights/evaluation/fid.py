@@ -146,7 +146,7 @@ def train_feature_extractor(images: torch.Tensor, labels: torch.Tensor, num_clas
                             ) -> tuple[TrainedFeatureExtractor, ExtractorReport]:
     """Train a :class:`TrainedFeatureExtractor` as a classifier (AdamW, cosine learning rate, one-pixel
     shifts and faint noise) on ``images`` (float ``[N, 3, H, W]`` in [0, 1], H == W) with integer
-    ``labels``; a ``holdout`` fraction (stratified by nothing, a seeded shuffle) is kept out and scored.
+    ``labels``; a ``holdout`` fraction (a seeded random split) is kept out and scored.
     Deterministic for a seed on one device.  ``progress(step, loss)`` is called every 100 steps."""
     if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
         raise FIDError(f"images: expected float [N, 3, S, S] in [0, 1], got shape {tuple(images.shape)}")
