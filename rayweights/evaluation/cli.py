@@ -64,7 +64,10 @@ class EvaluateConfig:
     max_zoo_members: int = 256
     iou_members: int = 32
     target_tol: float = 0.0
-    feature_extractor: str = "small"   # FID extractor for image families: small[:dim] | inception:<dir> | module:...
+    # FID/KID extractor for image families: trained:<dir> (the offline metric: an edit-operation CNN,
+    # evaluation.fid.ensure_trained_extractor) | inception:<dir> | small[:dim] (random, comparable only with
+    # itself) | module:...
+    feature_extractor: str = "small"
     output: str = ""
     parallel: bool = True              # one Ray task per evaluation task (else all in this process)
     num_gpus: float = 0.0              # per evaluation task
