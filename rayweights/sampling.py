@@ -141,14 +141,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class GeneratorSampler:
     """A trained generator (``rayweights.generators``) as a ``WeightSampler``:
     ``sample(condition, n, seed) -> [n, num_blocks, block_size]`` in normalised space, through the
-    method's own ``sample`` (one-step, DDIM or DDPM; ``chunk_blocks`` rows per forward at most)."""
+    method's own ``sample`` (one-step, DDIM or DDPM; ``chunk_blocks`` rows per forward at most;
+    ``guidance_scale``: classifier-free guidance, 1 = off)."""
 
     normalized = True
 
     def __init__(self, method: GeneratorMethod, mode: SamplingMode = "one_step", t: int = 500, steps: int = 50,
-                 eta: float = 0.0, chunk_blocks: int = 0, device: str = "auto", dtype: str = "float32"):
+                 eta: float = 0.0, chunk_blocks: int = 0, device: str = "auto", dtype: str = "float32",
+                 guidance_scale: float = 1.0):
         self.method, self.mode, self.t, self.steps, self.eta = method, mode, int(t), int(steps), float(eta)
-        self.chunk_blocks = int(chunk_blocks)
+        self.chunk_blocks, self.guidance_scale = int(chunk_blocks), float(guidance_scale)
+        try:
+            method.check_guidance(self.guidance_scale)
+        except GeneratorError as exc:
+            raise SamplingError(str(exc)) from None
         try:
             self.device = torch_device(device)
         except ValueError as exc:
@@ -163,7 +169,8 @@ class GeneratorSampler:
 
     def sample(self, condition: str | None, n: int, seed: int = 0) -> torch.Tensor:
         return self.method.sample([condition], n, mode=self.mode, t=self.t, steps=self.steps, eta=self.eta,
-                                  seed=seed, device=self.device, dtype=self.dtype, chunk_blocks=self.chunk_blocks)
+                                  seed=seed, device=self.device, dtype=self.dtype, chunk_blocks=self.chunk_blocks,
+                                  guidance_scale=self.guidance_scale)
 
 
 # ----------------------------------------------------------------------------- Gaussian baseline
@@ -271,10 +278,14 @@ class FolderSampler:
 
 # ----------------------------------------------------------------------------- loading any sampler
 def load_sampler(uri: str, method: SamplingMode = "one_step", t: int = 500, steps: int = 50, chunk_blocks: int = 0,
-                 device: str = "auto", dtype: str = "float32", layout: str | None = None):
+                 device: str = "auto", dtype: str = "float32", layout: str | None = None,
+                 guidance_scale: float = 1.0):
     """A ``WeightSampler`` for ``uri``: a folder with ``sampler.json`` (Gaussian baseline), a
     ``sample-weights`` output (``samples.json``), or a generator export (``generator.json``).
-    ``layout`` is accepted for the callers' uniformity: every one of these carries its own."""
+    ``layout`` is accepted for the callers' uniformity: every one of these carries its own.
+    ``guidance_scale`` (classifier-free guidance) applies to a generator export only."""
+    if guidance_scale != 1.0 and not is_generator_export(uri):
+        raise SamplingError(f"guidance_scale: {guidance_scale} needs a generator export, and {uri} is none (use 1.0)")
     if exists(resolve(join(uri, SAMPLER_FILE))):
         kind = _read_json(join(uri, SAMPLER_FILE)).get("type")
         if kind == "gaussian":
@@ -284,7 +295,8 @@ def load_sampler(uri: str, method: SamplingMode = "one_step", t: int = 500, step
         return FolderSampler(uri)
     if is_generator_export(uri):
         try:
-            return GeneratorSampler(load_generator(uri), method, t, steps, 0.0, chunk_blocks, device, dtype)
+            return GeneratorSampler(load_generator(uri), method, t, steps, 0.0, chunk_blocks, device, dtype,
+                                    guidance_scale)
         except GeneratorError as exc:
             raise SamplingError(f"generator: {exc}") from exc
     raise SamplingError(f"generator: {uri} is not a generator export, a samples folder or a sampler folder")
@@ -299,6 +311,7 @@ class SampleConfig:
     method: SamplingMode = "one_step"
     t: int = 500                       # one-step timestep (towards the noise side)
     steps: int = 50                    # ddim / ddpm inference steps
+    guidance_scale: float = 1.0        # classifier-free guidance (1 = off; needs a generator trained with cond_dropout)
     seed: int = 0
     output: str = ""                   # output URI (or --output)
     layout: str = ""                   # layout.json / zoo URI when the export carries none
@@ -317,6 +330,8 @@ class SampleConfig:
             raise ValueError("t: must be >= 0; steps: must be >= 1")
         if self.concurrency < 1:
             raise ValueError("concurrency: must be >= 1")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale: must be >= 0, got {self.guidance_scale}")
         if len(set(self.conditions)) != len(self.conditions):
             raise ValueError("conditions: duplicates")
 
@@ -330,7 +345,7 @@ class _SampleActor:
         self.cfg = SampleConfig(**cfg)
         c = self.cfg
         self.sampler = load_sampler(c.generator, c.method, c.t, c.steps, c.chunk_blocks, c.device, c.dtype,
-                                    c.layout or None)
+                                    c.layout or None, c.guidance_scale)
         self.layout = WeightLayout.from_json(layout_json)
         self.writer = None
         if c.write_table:
@@ -354,7 +369,8 @@ class _SampleActor:
                 rel = f"samples/{slug}/sample-{i:05d}.safetensors"
                 save_state_dict(sd, join(c.output, rel), {
                     "condition": condition if condition is not None else "", "sample": i, "method": c.method,
-                    "t": c.t, "steps": c.steps, "seed": seed, "generator": c.generator})
+                    "t": c.t, "steps": c.steps, "seed": seed, "generator": c.generator,
+                    "guidance_scale": c.guidance_scale})
                 if self.writer is not None:
                     raw.append(self.layout.tokenize(sd))
                 out["condition"].append(condition if condition is not None else "")
@@ -373,7 +389,7 @@ class _SampleActor:
 
 def _sampler_layout(cfg: SampleConfig) -> WeightLayout:
     s = load_sampler(cfg.generator, cfg.method, cfg.t, cfg.steps, cfg.chunk_blocks, "cpu", cfg.dtype,
-                     cfg.layout or None)
+                     cfg.layout or None, cfg.guidance_scale)
     if s.normalized and not s.layout.has_stats:
         raise SamplingError(f"generator: {cfg.generator} produces normalised blocks but its layout has no stats")
     if cfg.layout:                       # given explicitly: it must be the generator's, never silently ignored

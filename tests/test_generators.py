@@ -305,15 +305,141 @@ def test_exports_written_before_generator_state_still_load(tmp_path, layout):
     meta = json.loads((out / "generator.json").read_text())
     meta["scheduler"] = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2,
                              prediction_type="epsilon", clip_sample=False)
+    assert meta.pop("cond_dropout") == 0.0                   # written since classifier-free guidance
     assert set(meta) == {"format_version", "method", "preset", "models", "model_overrides", "scheduler",
                          "conditioning", "condition_names", "text_encoder", "dataset_options", "latent_scale",
                          "num_blocks", "block_size", "parameters"}
     (out / "generator.json").write_text(json.dumps(meta))
     again = load_generator(str(out))
     assert again.scheduler == method.scheduler and again.latent_scale == 0.5 and again.data_stats == {}
+    assert again.cond_dropout == 0.0
     assert torch.equal(again.sample(None, 2, mode="ddpm", steps=4, seed=2), method.sample(None, 2, mode="ddpm", steps=4,
                                                                                            seed=2))
     meta["colour"] = "blue"
     (out / "generator.json").write_text(json.dumps(meta))
     with pytest.raises(GeneratorError, match="unknown field.*colour"):
         load_generator(str(out))
+
+
+# ----------------------------------------------------------------------------- classifier-free guidance
+def _guidable(name, layout, cond_dropout=0.5):
+    """An untrained tiny conditioned method that accepts guidance (trained-with-dropout record set)."""
+    if name == "denoised_weights":
+        return build_method(name, layout, "tiny", conditions=_fake_cache(), cond_dropout=cond_dropout)
+    m = build_method(name, layout, "tiny", condition_names=list(CONDITIONS), dataset_options={"samples_per_class": 3},
+                     cond_dropout=cond_dropout)
+    m.build_features_bank()
+    m.build_condition_cache()
+    m.latent_scale = 0.7
+    return m
+
+
+def _perturbed(m):
+    """Jitter the denoiser's parameters: a fresh one zero-initialises its conditioning path, so
+    without this the condition (and the guidance) would not change the output at all."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.model("denoiser").parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("name", ["denoised_weights", "d2nwg"])
+@pytest.mark.parametrize("mode", ["one_step", "ddim"])
+def test_guidance_scale_zero_is_the_null_condition_and_one_is_the_default(monkeypatch, layout, name, mode):
+    m = _perturbed(_guidable(name, layout))
+    conds = list(CONDITIONS[:2])
+    kw = dict(mode=mode, t=400, steps=4, seed=3)
+    plain = m.sample(conds, 2, **kw)
+    assert torch.equal(m.sample(conds, 2, guidance_scale=1.0, **kw), plain)
+    zero = m.sample(conds, 2, guidance_scale=0.0, **kw)
+    assert not torch.equal(zero, plain)                       # the condition matters, so the null differs
+    emb = m.encode_conditions(conds)
+    monkeypatch.setattr(m, "encode_conditions", lambda c, device="cpu": torch.zeros_like(emb).to(device))
+    assert torch.equal(m.sample(conds, 2, **kw), zero)       # = plain sampling with the all-zeros condition
+
+
+@pytest.mark.parametrize("name", ["denoised_weights", "d2nwg"])
+@pytest.mark.parametrize("mode", ["one_step", "ddim"])
+def test_guidance_moves_the_sample_along_cond_minus_uncond(layout, name, mode):
+    m = _perturbed(_guidable(name, layout))
+    kw = dict(mode=mode, t=400, steps=4, seed=5)
+    conds = list(CONDITIONS[:2])
+    uncond, one, three = (m.sample(conds, 2, guidance_scale=s, **kw) for s in (0.0, 1.0, 3.0))
+    assert not torch.allclose(three, one)
+    assert float((three - uncond).norm()) > 1.5 * float((one - uncond).norm())
+    if name == "denoised_weights" and mode == "one_step":
+        # one-step recovery is linear in the model output: exactly uncond + 3 (cond - uncond), from the
+        # batched cond/null forward
+        torch.testing.assert_close(three, uncond + 3.0 * (one - uncond), atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_needs_a_generator_trained_with_cond_dropout(layout):
+    m = _guidable("denoised_weights", layout, cond_dropout=0.0)
+    with pytest.raises(GeneratorError, match="guidance_scale: .*cond_dropout"):
+        m.sample(CONDITIONS[:1], 1, guidance_scale=2.0)
+    with pytest.raises(GeneratorError, match="guidance_scale: must be >= 0"):
+        _guidable("denoised_weights", layout).sample(CONDITIONS[:1], 1, guidance_scale=-1.0)
+    p = build_method("pdiff", layout, "tiny")
+    p.latent_scale = 1.0
+    with pytest.raises(GeneratorError, match="guidance_scale: .*unconditional"):
+        p.sample(None, 1, guidance_scale=2.0)
+    with pytest.raises(GeneratorError, match="cond_dropout: .*unconditional"):
+        build_method("pdiff", layout, "tiny", cond_dropout=0.1)
+    with pytest.raises(GeneratorError, match="cond_dropout: must be in"):
+        build_method("denoised_weights", layout, "tiny", conditions=_fake_cache(), cond_dropout=1.0)
+
+
+def _nulled(cond):
+    return (cond == 0).all(dim=-1)
+
+
+@pytest.mark.parametrize("name", ["denoised_weights", "d2nwg"])
+def test_cond_dropout_nulls_a_binomial_fraction_of_diffusion_rows(zoo, layout, name):
+    w, cond_id = _block_batch(zoo, list(CONDITIONS))
+    if name == "denoised_weights":
+        nb = layout.num_blocks
+        batch = {"block": w.reshape(-1, layout.block_size), "block_index": torch.arange(nb).repeat(w.shape[0]),
+                 "cond_id": cond_id.repeat_interleave(nb)}
+    else:
+        batch = {"weights": w.reshape(w.shape[0], -1), "cond_id": cond_id}
+    p = 0.3
+    m = _guidable(name, layout, cond_dropout=p)
+    table = m.condition_table("cpu")[batch["cond_id"]]
+    assert not bool(_nulled(table).any())
+    torch.manual_seed(0)
+    nulled, total = 0, 0
+    for _ in range(60):
+        cond = m.prepare("diffusion", batch)["cond"]
+        drop = _nulled(cond)
+        assert torch.equal(cond[~drop], table[~drop])            # kept rows keep their own condition
+        nulled, total = nulled + int(drop.sum()), total + drop.numel()
+    tol = 4 * (p * (1 - p) / total) ** 0.5
+    assert abs(nulled / total - p) < tol, (nulled / total, total)
+    # p = 0: never nulled, and training draws no extra random numbers (today's inputs bit for bit)
+    m0 = _guidable(name, layout, cond_dropout=0.0)
+    m0.prepare("diffusion", batch)            # builds the frozen first stage (its init draws random numbers)
+    torch.manual_seed(1)
+    got = [m0.prepare("diffusion", batch) for _ in range(3)]
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    for g in got:
+        x0 = m0._normalized("diffusion", batch, "cpu")["x0"]
+        if name == "d2nwg":
+            x0 = m0._scaled_latents(x0, "cpu")                   # the VAE posterior draw
+        assert torch.equal(g["x0"], x0) and torch.equal(g["cond"], m0.condition_table("cpu")[batch["cond_id"]])
+    assert torch.equal(torch.rand(1), after)
+
+
+@pytest.mark.parametrize("name", ["denoised_weights", "d2nwg"])
+def test_cond_dropout_travels_with_the_state_and_the_export(tmp_path, layout, name):
+    m = _guidable(name, layout, cond_dropout=0.25)
+    for key in m.model_class:
+        m.model(key)
+    assert GeneratorMethod.from_state(m.to_state()).cond_dropout == 0.25        # what the Ray Train workers get
+    m.save_pretrained(str(tmp_path / "export"))
+    assert json.loads((tmp_path / "export" / "generator.json").read_text())["cond_dropout"] == 0.25
+    again = load_generator(str(tmp_path / "export"))
+    assert again.cond_dropout == 0.25
+    kw = dict(mode="ddim", steps=3, seed=1, guidance_scale=2.5)
+    assert torch.allclose(again.sample(CONDITIONS[:2], 2, **kw), m.sample(CONDITIONS[:2], 2, **kw), atol=1e-6)

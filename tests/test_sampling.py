@@ -6,6 +6,7 @@ import torch
 
 from evalkit import DigitsTask, make_mlp, tiny_zoo
 from rayweights.blocks import LayoutError
+from rayweights.config import ConfigError, load_config
 from rayweights.evaluation.protocols import load_layout_params
 from rayweights.sampling import (FolderSampler, GaussianWeightSampler, GeneratorSampler, SampleConfig,
                                  SamplingError, condition_seed, condition_slug, load_sampler, load_state_dict,
@@ -189,3 +190,15 @@ def test_generator_export_samples_load_into_target(ray_local, zoo_uri, generator
     b = p.sample(None, 3, seed=0)
     assert b.shape == (3, zoo.layout.num_blocks, zoo.layout.block_size) and bool(torch.isfinite(b).all())
     load_layout_params(make_mlp(0), reassemble(b[0], p.layout, p.normalized), zoo.layout)
+
+
+def test_guidance_scale_is_validated_and_needs_cond_dropout(generator_exports, gaussian_export):
+    with pytest.raises(ConfigError, match="guidance_scale: must be >= 0"):
+        load_config(SampleConfig, None, ["generator=g", "guidance_scale=-1"])
+    assert load_config(SampleConfig, None, ["guidance_scale=2.5"]).guidance_scale == 2.5
+    # the dw export was saved without cond_dropout: it never learned the null condition
+    with pytest.raises(SamplingError, match="guidance_scale: .*cond_dropout"):
+        load_sampler(generator_exports["dw"], "one_step", guidance_scale=2.0, device="cpu")
+    with pytest.raises(SamplingError, match="guidance_scale: .*generator export"):
+        load_sampler(gaussian_export, guidance_scale=2.0)
+    assert load_sampler(generator_exports["dw"], "one_step", guidance_scale=1.0, device="cpu").guidance_scale == 1.0

@@ -55,6 +55,19 @@ def test_config_is_strict_and_names_the_field(tmp_path):
         load_config(GeneratorTrainConfig, f"jobs/configs/{f}.yaml", [])
 
 
+def test_cond_dropout_is_validated_at_load_and_reaches_the_method(tmp_path, zoo_uri):
+    p = tmp_path / "c.yaml"
+    p.write_text("method: denoised_weights\nzoo: x\ncond_dropout: 1.5\n")
+    with pytest.raises(ConfigError, match="cond_dropout: must be in"):
+        load_config(GeneratorTrainConfig, str(p), [])
+    with pytest.raises(ConfigError, match="cond_dropout: .*unconditional"):
+        load_config(GeneratorTrainConfig, "jobs/configs/pdiff_tiny.yaml", ["cond_dropout=0.1"])
+    cfg = load_config(GeneratorTrainConfig, "jobs/configs/d2nwg_tiny.yaml", ["cond_dropout=0.2"])
+    assert cfg.cond_dropout == 0.2
+    plan = preflight(_cfg(zoo_uri, tmp_path, method="d2nwg", stages={}, cond_dropout=0.2))
+    assert plan.method.cond_dropout == 0.2 and plan.method.to_state().cond_dropout == 0.2
+
+
 def test_preflight_refuses_bad_inputs_before_training(tmp_path, zoo_uri):
     with pytest.raises(TrainError, match="zoo"):
         preflight(_cfg(str(tmp_path / "nothing"), tmp_path))

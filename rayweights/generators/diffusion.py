@@ -6,7 +6,8 @@ One place owns the noise schedule and everything done with it:
   with (``scheduler:`` of the train config, ``scheduler`` of ``generator.json``);
 * :func:`training_target`: what the denoiser learns to predict (epsilon, v or x0) for ``x_t``;
 * :func:`one_step_recover`: Denoised Neural Weights eq. 3, the clean sample from one forward at ``t``;
-* :func:`denoise`: pure noise to a clean sample with ``one_step`` recovery or the DDIM / DDPM loop.
+* :func:`denoise`: pure noise to a clean sample with ``one_step`` recovery or the DDIM / DDPM loop;
+* :func:`guided`: a conditioned denoiser with classifier-free guidance, for any of those modes.
 
 Every method's ``sample`` (block-wise or latent) runs :func:`denoise`; the tests check it against
 the exact answer for Gaussian data.
@@ -25,7 +26,7 @@ from ..config import ConfigError, from_dict
 from .errors import GeneratorError
 
 __all__ = ["SamplingMode", "SAMPLING_MODES", "PredictionType", "SchedulerConfig", "make_scheduler",
-           "training_target", "one_step_recover", "denoise", "check_sampling"]
+           "training_target", "one_step_recover", "denoise", "guided", "check_sampling"]
 
 SamplingMode = Literal["one_step", "ddim", "ddpm"]
 SAMPLING_MODES: tuple[str, ...] = get_args(SamplingMode)
@@ -123,6 +124,25 @@ def check_sampling(config: SchedulerConfig, mode: str, t: int, steps: int) -> No
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CondDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def guided(fn: CondDenoiser, cond: torch.Tensor, null: torch.Tensor, scale: float) -> Denoiser:
+    """Classifier-free guidance: ``fn(x_t, timesteps, cond) -> output`` as a :data:`Denoiser` whose
+    output is ``out_null + scale * (out_cond - out_null)`` (``cond``/``null``: one row per row of
+    ``x_t``).  The combination is linear in the output, so it is the same for epsilon, v and sample
+    prediction.  ``scale`` 1 runs the conditional pass only, 0 the null pass only; any other scale
+    runs both in one batched forward."""
+    if scale == 1.0:
+        return lambda x, t: fn(x, t, cond)
+    if scale == 0.0:
+        return lambda x, t: fn(x, t, null)
+
+    def both(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).float()
+        out_cond, out_null = out[:x.shape[0]], out[x.shape[0]:]
+        return out_null + scale * (out_cond - out_null)
+    return both
 
 
 def denoise(fn: Denoiser, x: torch.Tensor, config: SchedulerConfig, mode: str = "one_step", t: int = 500,

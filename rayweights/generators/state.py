@@ -10,7 +10,7 @@ The same object travels to the Ray Train workers (``method.to_state()`` in the t
 
 ``pretrained`` (model folders of finished stages) and ``features_bank`` (D2NWG's dataset features of
 the training conditions) only matter while training and are not exported.  Exports written before
-this dataclass have the same files and fields and load unchanged.
+this dataclass have the same files and fields and load unchanged (a missing ``cond_dropout``: 0).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class GeneratorState:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     latent_scale: float | None = None
     data_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    cond_dropout: float = 0.0              # null-condition rate the diffusion stage trained with (CFG)
     pretrained: dict[str, str] = field(default_factory=dict)          # training only
     features_bank: torch.Tensor | None = None                        # training only
 
@@ -64,7 +65,7 @@ class GeneratorState:
         return {"method": self.method, "preset": self.preset, "model_overrides": self.model_overrides,
                 "scheduler": self.scheduler.to_dict(), "condition_names": self.condition_names,
                 "text_encoder": self.text_encoder, "dataset_options": self.dataset_options,
-                "latent_scale": self.latent_scale}
+                "latent_scale": self.latent_scale, "cond_dropout": self.cond_dropout}
 
     def write(self, folder: str, models: Mapping[str, str], parameters: Mapping[str, int],
               conditioning: str | None) -> None:
@@ -116,7 +117,8 @@ class GeneratorState:
                     scheduler=SchedulerConfig.from_mapping(meta.get("scheduler")),
                     condition_names=list(meta.get("condition_names") or []), conditions=cache,
                     text_encoder=meta.get("text_encoder"), dataset_options=dict(meta.get("dataset_options") or {}),
-                    latent_scale=meta.get("latent_scale"), data_stats=stats)
+                    latent_scale=meta.get("latent_scale"), data_stats=stats,
+                    cond_dropout=float(meta.get("cond_dropout") or 0.0))     # absent: trained without it
         return state, dict(meta["models"])
 
 

@@ -103,6 +103,9 @@ class GeneratorTrainConfig:
     in_memory_max_mb: float = 2048.0
     text_encoder: str = "default"                # HF name or path; default = packaged MiniLM
     dataset_samples_per_class: int = 10          # D2NWG: samples per class in a dataset's feature sets
+    # classifier-free guidance: probability that a diffusion-stage row trains on the null condition
+    # (conditioned methods; 0 = never, and such a generator refuses guidance_scale != 1 at sampling)
+    cond_dropout: float = 0.0
     skip_bad_members: bool = False               # train without zoo members whose files fail the pre-flight check
     fault_injection: FaultInjection = field(default_factory=FaultInjection)
 
@@ -127,6 +130,10 @@ class GeneratorTrainConfig:
             raise ValueError(f"only_stages: unknown stage(s) {bad} for {self.method} (stages: {list(stages)})")
         if self.fault_injection.stage and self.fault_injection.stage not in stages:
             raise ValueError(f"fault_injection.stage: {self.fault_injection.stage!r} is not a stage of {self.method}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout: must be in [0, 1), got {self.cond_dropout}")
+        if self.cond_dropout and METHODS[self.method].conditioning is None:
+            raise ValueError(f"cond_dropout: method {self.method} is unconditional (cond_dropout must be 0)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: {self.zero_stage} is not 0, 1, 2 or 3")
         if self.precision not in ("auto", "bf16", "fp32"):

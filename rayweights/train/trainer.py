@@ -147,7 +147,7 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
                              f"{old.block_size} vs the zoo's {layout.num_blocks} x {layout.block_size}); "
                              "use another run_name")
         layout = old          # resume with exactly the stats the run started with
-    kwargs: dict = dict(model_overrides=cfg.model, scheduler=cfg.scheduler)
+    kwargs: dict = dict(model_overrides=cfg.model, scheduler=cfg.scheduler, cond_dropout=cfg.cond_dropout)
     try:
         if klass.conditioning == "text":
             enc = TextEncoder(cfg.text_encoder)

@@ -10,9 +10,17 @@ and the condition encoders/cache, and offers:
   ``cond_id``) -> normalised model inputs, with frozen earlier-stage encoders applied;
 * ``trainer_module(stage)``: the ``nn.Module`` whose ``forward(**prepared)`` returns the stage loss
   (what DeepSpeed wraps); ``loss(stage, batch)`` = both in one call;
-* ``sample(conditions, num_samples, mode=..., ...)``: normalised weight blocks
+* ``sample(conditions, num_samples, mode=..., guidance_scale=..., ...)``: normalised weight blocks
   ``[len(conditions) * num_samples, num_blocks, block_size]`` (padding exactly 0), through
   :func:`rayweights.generators.diffusion.denoise`;
+
+Classifier-free guidance (conditioned methods): with ``cond_dropout`` p > 0 the diffusion stage's
+``prepare`` replaces each row's condition by the *null condition* with probability p (torch's RNG);
+the null condition is a fixed all-zeros vector of the condition width (no extra learned state, so
+the model state and its files are unchanged).  ``sample(..., guidance_scale=s)`` then uses
+``out_null + s * (out_cond - out_null)`` with the same zeros vector; s = 1 is plain conditional
+sampling (one pass), s = 0 sampling with the null condition.  ``cond_dropout`` is saved with the
+generator, and guidance on a generator trained with p = 0 is refused.
 * ``to_state()`` / ``from_state(state)``: a :class:`GeneratorState` (Ray Train workers);
   ``save_pretrained(path)`` / ``rayweights.generators.load_generator`` (local folder or ``s3://``).
 """
@@ -31,7 +39,7 @@ from ...blocks import WeightLayout
 from ...conditioning import ConditionCache, TextEncoder
 from ...config import check_keywords
 from ...storage import resolve
-from ..diffusion import SchedulerConfig, denoise, make_scheduler
+from ..diffusion import SchedulerConfig, denoise, guided, make_scheduler
 from ..errors import GeneratorError
 from ..io import load_model, upload_dir
 from ..presets import get_preset
@@ -75,14 +83,21 @@ class GeneratorMethod:
                  condition_names: Sequence[str] | None = None, conditions: ConditionCache | None = None,
                  text_encoder: str | None = None, dataset_options: Mapping[str, Any] | None = None,
                  latent_scale: float | None = None, pretrained: Mapping[str, str] | None = None,
+                 cond_dropout: float = 0.0,
                  models: Mapping[str, nn.Module] | None = None, model_configs: Mapping[str, Mapping] | None = None):
         """``models``/``model_configs``: a saved generator's models and their exact configs; otherwise
-        each model is built from the ``preset`` with ``model_overrides`` (or loaded from ``pretrained``)."""
+        each model is built from the ``preset`` with ``model_overrides`` (or loaded from ``pretrained``).
+        ``cond_dropout``: probability of the null condition per training row of the diffusion stage."""
         if not isinstance(layout, WeightLayout):
             raise GeneratorError(f"layout: expected a WeightLayout, got {type(layout).__name__}")
         if not layout.has_stats:
             raise GeneratorError("layout: no per-group normalisation stats (fit them with layout.fit_stats)")
         self.layout, self.preset = layout, preset
+        if not 0.0 <= cond_dropout < 1.0:
+            raise GeneratorError(f"cond_dropout: must be in [0, 1), got {cond_dropout}")
+        if cond_dropout and self.conditioning is None:
+            raise GeneratorError(f"cond_dropout: method {self.name} is unconditional (cond_dropout must be 0)")
+        self.cond_dropout = float(cond_dropout)
         base = get_preset(self.name, preset)
         overrides = {k: dict(v) for k, v in (model_overrides or {}).items()}
         unknown = sorted(set(overrides) - set(base))
@@ -216,6 +231,19 @@ class GeneratorMethod:
             raise GeneratorError("batch: a row's condition is not in the condition cache")
         return self.condition_table(device)[ids]
 
+    def _train_cond(self, batch, device) -> torch.Tensor:
+        """The diffusion stage's conditions: each row nulled (all zeros) with probability ``cond_dropout``."""
+        cond = self._cond(batch, device)
+        if self.cond_dropout > 0:
+            drop = torch.rand(cond.shape[0], device=cond.device) < self.cond_dropout
+            cond = cond.masked_fill(drop.unsqueeze(-1), 0.0)
+        return cond
+
+    @staticmethod
+    def null_condition(cond: torch.Tensor) -> torch.Tensor:
+        """The null condition of classifier-free guidance: all zeros, the shape of ``cond``."""
+        return torch.zeros_like(cond)
+
     def prepare(self, stage: str, batch: Mapping[str, torch.Tensor], device="cpu") -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -246,7 +274,7 @@ class GeneratorMethod:
     def sample(self, conditions: Sequence[str | None] | str | None = None, num_samples: int = 1,
                mode: str = "one_step", t: int = 500, steps: int = 50, eta: float = 0.0, seed: int = 0,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               chunk_blocks: int = 0) -> torch.Tensor:
+               chunk_blocks: int = 0, guidance_scale: float = 1.0) -> torch.Tensor:
         """Normalised weight blocks ``[len(conditions) * num_samples, num_blocks, block_size]``,
         condition-major (rows ``i*num_samples .. (i+1)*num_samples-1`` belong to ``conditions[i]``).
 
@@ -254,13 +282,16 @@ class GeneratorMethod:
         steps, ``eta``) or ``ddpm`` (``steps`` steps).  ``conditions``: a prompt / dataset name per
         entry (unknown ones are encoded with the frozen encoder), or ``None`` for unconditional
         methods.  ``chunk_blocks`` caps rows per forward for block-wise methods (0 = all blocks
-        of all samples of a condition in one batched forward).  Undo normalisation with
+        of all samples of a condition in one batched forward).  ``guidance_scale``: classifier-free
+        guidance weight s (model output ``out_null + s * (out_cond - out_null)``; 1 = off, 0 = the
+        null condition; needs a generator trained with ``cond_dropout`` > 0).  Undo normalisation with
         ``self.layout.denormalize`` and reassemble with ``self.layout.detokenize``."""
         if conditions is None or isinstance(conditions, str):
             conditions = [conditions]
         conditions = list(conditions)
         if num_samples < 1:
             raise GeneratorError("num_samples: must be >= 1")
+        self.check_guidance(guidance_scale)
         if self.conditioning is None and any(c is not None for c in conditions):
             log.warning("%s is unconditional: conditions %s only set how many sample groups are drawn",
                         self.name, conditions[:3])
@@ -271,11 +302,30 @@ class GeneratorMethod:
         for i, _ in enumerate(conditions):
             c = None if emb is None else emb[i]
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                outs.append(self._sample_one(c, num_samples, mode, t, steps, eta, gen, device, chunk_blocks).float().cpu())
+                outs.append(self._sample_one(c, num_samples, mode, t, steps, eta, gen, device, chunk_blocks,
+                                             float(guidance_scale)).float().cpu())
         out = torch.cat(outs).view(-1, self.layout.num_blocks, self.layout.block_size)
         return out * self.layout.valid_mask
 
-    def _sample_one(self, cond, n, mode, t, steps, eta, gen, device, chunk_blocks) -> torch.Tensor:
+    def check_guidance(self, guidance_scale: float) -> None:
+        """Refuse a guidance scale this generator cannot sample with (a GeneratorError naming it)."""
+        if guidance_scale < 0:
+            raise GeneratorError(f"guidance_scale: must be >= 0, got {guidance_scale}")
+        if guidance_scale == 1.0:
+            return
+        if self.conditioning is None:
+            raise GeneratorError(f"guidance_scale: method {self.name} is unconditional (use 1.0)")
+        if self.cond_dropout == 0:
+            raise GeneratorError(f"guidance_scale: {guidance_scale} needs a generator trained with cond_dropout > 0 "
+                                 "(this one never saw the null condition; use 1.0)")
+
+    def _guided(self, fn, cond: torch.Tensor | None, scale: float):
+        """``fn(x, t, cond) -> out`` as the ``fn(x, t)`` that :func:`denoise` runs, guided by ``scale``."""
+        if cond is None:
+            return lambda x, tt: fn(x, tt, None)
+        return guided(fn, cond, self.null_condition(cond), scale)
+
+    def _sample_one(self, cond, n, mode, t, steps, eta, gen, device, chunk_blocks, guidance_scale) -> torch.Tensor:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ persistence
@@ -286,7 +336,7 @@ class GeneratorMethod:
             model_configs=self.model_configs, scheduler=self.scheduler, condition_names=self.condition_names,
             conditions=self.conditions, text_encoder=self.text_encoder_name, dataset_options=self.dataset_options,
             latent_scale=self.latent_scale, data_stats=dict(self.data_stats), pretrained=self.pretrained,
-            features_bank=self.features_bank)
+            features_bank=self.features_bank, cond_dropout=self.cond_dropout)
 
     @classmethod
     def from_state(cls, state: GeneratorState, models: Mapping[str, nn.Module] | None = None) -> "GeneratorMethod":
@@ -297,7 +347,7 @@ class GeneratorMethod:
             state.layout, state.preset, model_overrides=state.model_overrides, scheduler=state.scheduler,
             condition_names=state.condition_names, conditions=state.conditions, text_encoder=state.text_encoder,
             dataset_options=state.dataset_options, latent_scale=state.latent_scale, pretrained=state.pretrained,
-            models=models, model_configs=state.model_configs)
+            cond_dropout=state.cond_dropout, models=models, model_configs=state.model_configs)
         m.features_bank = state.features_bank
         m.data_stats = dict(state.data_stats)
         return m

@@ -20,7 +20,11 @@ __all__ = ["D2NWG"]
 
 @register_method
 class D2NWG(LatentMethod):
-    """D2NWG: VAE, Set Transformer dataset encoder (contrastive), dataset-conditioned latent DDPM."""
+    """D2NWG: VAE, Set Transformer dataset encoder (contrastive), dataset-conditioned latent DDPM.
+
+    Classifier-free guidance: with ``cond_dropout`` p the diffusion stage (only) trains a fraction p
+    of its rows on the null condition, an all-zeros dataset embedding; ``sample(...,
+    guidance_scale=s)`` combines the passes with the dataset embedding and that same zeros vector."""
 
     name = "d2nwg"
     stages = ("vae", "dataset_encoder", "diffusion")
@@ -105,7 +109,7 @@ class D2NWG(LatentMethod):
             with torch.no_grad():
                 lat = self._latents(out["x0"], device, sample_posterior=False)
             return {"latents": lat, "features": self.features_bank[uniq.cpu()].to(device), "cond_ids": inv}
-        return {"x0": self._scaled_latents(out["x0"], device), "cond": self._cond(batch, device)}
+        return {"x0": self._scaled_latents(out["x0"], device), "cond": self._train_cond(batch, device)}
 
     def build_trainer(self, stage):
         if stage == "vae":

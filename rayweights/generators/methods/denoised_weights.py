@@ -14,7 +14,12 @@ __all__ = ["DenoisedWeights"]
 
 @register_method
 class DenoisedWeights(GeneratorMethod):
-    """Denoised Neural Weights: BlockUNet1D over (block, block index, text prompt) rows."""
+    """Denoised Neural Weights: BlockUNet1D over (block, block index, text prompt) rows.
+
+    Classifier-free guidance: with ``cond_dropout`` p the diffusion stage trains a fraction p of its
+    rows on the null condition, an all-zeros pooled text embedding (the BlockUNet1D context
+    projection then sees only its bias); ``sample(..., guidance_scale=s)`` combines the passes with
+    the prompt and with that same zeros vector (:func:`rayweights.generators.diffusion.guided`)."""
 
     name = "denoised_weights"
     stages = ("diffusion",)
@@ -46,13 +51,13 @@ class DenoisedWeights(GeneratorMethod):
         # the noise is predicted on every position, padding included: padded positions are x0 = 0,
         # and an untrained prediction there would feed garbage back through the UNet while sampling
         out.pop("mask")
-        out["cond"] = self._cond(batch, device)
+        out["cond"] = self._train_cond(batch, device)
         return out
 
     def build_trainer(self, stage):
         return EpsilonLoss(self.model("denoiser"), self.scheduler, blockwise=True)
 
-    def _sample_one(self, cond, n, mode, t, steps, eta, gen, device, chunk_blocks):
+    def _sample_one(self, cond, n, mode, t, steps, eta, gen, device, chunk_blocks, guidance_scale):
         L = self.layout
         model = self.frozen("denoiser", device)
         nb, bs = L.num_blocks, L.block_size
@@ -63,7 +68,10 @@ class DenoisedWeights(GeneratorMethod):
         for s in range(0, n * nb, rows):
             b = bidx[s:s + rows]
             c = None if cond is None else cond.view(1, -1).expand(b.shape[0], -1)
-            out.append(self._denoise(lambda x, tt: model(x, tt, b, c), noise[s:s + rows], mode, t, steps, eta, gen))
+            # guidance doubles the rows of a forward: the block indices repeat with them
+            fn = self._guided(lambda x, tt, cc, b=b: model(x, tt, b.repeat(x.shape[0] // b.shape[0]), cc), c,
+                              guidance_scale)
+            out.append(self._denoise(fn, noise[s:s + rows], mode, t, steps, eta, gen))
         return torch.cat(out).view(n, nb, bs)
 
 

@@ -52,14 +52,14 @@ class LatentMethod(GeneratorMethod):
         with torch.no_grad():
             return self._latents(x0, device, sample_posterior) * self.latent_scale
 
-    def _sample_one(self, cond, n, mode, t, steps, eta, gen, device, chunk_blocks):
+    def _sample_one(self, cond, n, mode, t, steps, eta, gen, device, chunk_blocks, guidance_scale):
         if self.latent_scale is None:
             raise GeneratorError(f"method {self.name}: latent_scale is missing from the generator")
         den = self.frozen("denoiser", device)
         zc, zl = self.latent_shape()
         z = torch.randn(n, zc, zl, generator=gen).to(device)
         c = None if cond is None else cond.view(1, -1).expand(n, -1)
-        z0 = self._denoise(lambda x, tt: den(x, tt, c), z, mode, t, steps, eta, gen)
+        z0 = self._denoise(self._guided(den, c, guidance_scale), z, mode, t, steps, eta, gen)
         return self._decode(z0.float() / self.latent_scale, device).view(n, self.layout.num_blocks, self.layout.block_size)
 
 
