@@ -161,10 +161,17 @@ def generator_exports(zoo_uri, tmp_path_factory):
                            "fixed-random")
     dw = build_method("denoised_weights", L, "tiny", conditions=cache)
     dw.save_pretrained(str(root / "dw"))
+    cfg = build_method("denoised_weights", L, "tiny", conditions=cache, cond_dropout=0.1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():           # an untrained BlockUNet1D outputs zeros (zero conv_out): make the condition matter
+        for p in cfg.model("denoiser").parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    cfg.save_pretrained(str(root / "dw_cfg"))
     pd = build_method("pdiff", L, "tiny")
     pd.fit_latent_scale(zoo.blocks().reshape(-1, L.num_blocks * L.block_size))
     pd.save_pretrained(str(root / "pdiff"))
-    return {"dw": str(root / "dw"), "pdiff": str(root / "pdiff"), "conditions": conds}
+    return {"dw": str(root / "dw"), "dw_cfg": str(root / "dw_cfg"), "pdiff": str(root / "pdiff"),
+            "conditions": conds}
 
 
 @pytest.mark.parametrize("method,steps", [("one_step", 1), ("ddim", 3)])
@@ -202,3 +209,21 @@ def test_guidance_scale_is_validated_and_needs_cond_dropout(generator_exports, g
     with pytest.raises(SamplingError, match="guidance_scale: .*generator export"):
         load_sampler(gaussian_export, guidance_scale=2.0)
     assert load_sampler(generator_exports["dw"], "one_step", guidance_scale=1.0, device="cpu").guidance_scale == 1.0
+
+
+def test_sample_weights_job_applies_guidance(ray_local, generator_exports, tmp_path):
+    """The job's actors sample with the config's guidance_scale: the files equal the direct guided sample,
+    and differ from the unguided one (the export was trained with cond_dropout > 0)."""
+    cond = generator_exports["conditions"][0]
+    files = {}
+    for scale in (1.0, 3.0):
+        out = str(tmp_path / f"s{scale}")
+        sample_weights(SampleConfig(generator=generator_exports["dw_cfg"], conditions=[cond], num_samples=2,
+                                    method="one_step", t=600, guidance_scale=scale, output=out), show_progress=False)
+        files[scale] = [load_state_dict(os.path.join(out, "samples", condition_slug(cond), f"sample-{i:05d}.safetensors"))
+                        for i in range(2)]
+    s = load_sampler(generator_exports["dw_cfg"], "one_step", t=600, device="cpu", guidance_scale=3.0)
+    direct = s.layout.denormalize(s.sample(cond, 2, condition_seed(0, cond))) * s.layout.valid_mask
+    for i in range(2):
+        assert torch.allclose(s.layout.tokenize(files[3.0][i]), direct[i], atol=1e-5)
+        assert not all(torch.equal(files[1.0][i][k], files[3.0][i][k]) for k in files[1.0][i])
