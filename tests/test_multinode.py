@@ -37,7 +37,7 @@ def _entries(zoo: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((zoo / "members").glob("*.json"))]
 
 
-def _training_node(cluster, zoo: Path, started_within_s: float = 4.0):
+def _training_node(cluster, zoo: Path, started_within_s: float = 2.0):
     """A worker node on which a member started training in the last ``started_within_s`` seconds (its
     attempt marker is open and new), or None.  A new attempt leaves most of its training ahead, so
     the kill lands while the member is in flight, not after it was written."""
@@ -85,8 +85,9 @@ def _open_attempt(zoo: Path, started_within_s: float = 2.0):
     return None
 
 
-# 150 epochs: a member trains for seconds even on an idle machine, so a kill lands while one is in flight
-ZOO_ARGS = ["--no-progress", "--set", "max_tasks=3", "--set", "members_per_task=2", "--set", "hparams.epochs=[150,150]",
+# 400 epochs: a member trains for ~10 s even on an idle machine, so a kill lands while one is in flight
+# (at 150 epochs an idle machine finished a member ~2 s after it started, sometimes before the node died)
+ZOO_ARGS = ["--no-progress", "--set", "max_tasks=3", "--set", "members_per_task=2", "--set", "hparams.epochs=[400,400]",
             "--set", "keep_last=2"]
 
 
