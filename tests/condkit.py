@@ -164,18 +164,19 @@ def train_in_process(method, cfg: GeneratorTrainConfig, zoo, seed: int = 0, fini
 
 
 # ----------------------------------------------------------------------------- scoring
-def _model(spec, task, seed: int = 0):
-    """The member's starting network as the zoo's recipe builds it (``init: shared``: the zoo's one
-    initialisation, so parameters a layout leaves out are the frozen body the members trained on)."""
-    return families.subsets.ClassifierRecipe(spec, task).build_model(seed)
+def _recipe(spec, task):
+    """The zoo's recipe for ``task``: ``build_model(seed)`` is the member's starting network (``init:
+    shared``: the zoo's one initialisation, so parameters a layout leaves out are the frozen body the
+    members trained on); its split is the task's data, loaded once."""
+    return families.subsets.ClassifierRecipe(spec, task)
 
 
 def _acc(spec, condition: str, sds) -> list[float]:
-    task = families.task_from_condition(condition)
-    _, (Xva, yva) = families.task_data(spec, task)
+    recipe = _recipe(spec, families.task_from_condition(condition))
+    Xva, yva = recipe.split["test"]
     out = []
     for sd in sds:
-        model = _model(spec, task)
+        model = recipe.build_model(0)
         if sd is not None:
             model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=False)
         model.eval()
@@ -189,13 +190,14 @@ def _random_sds(spec, condition: str, n: int, names=()):
     """Random init of the layout's parameters ``names``: the recipe's initialisation of member seed
     ``s``; with ``init: shared`` these parameters are drawn afresh (seeded), the rest stay the zoo's body."""
     task = families.task_from_condition(condition)
+    recipe = _recipe(spec, task)
+    in_shape = tuple(recipe.split["train"][0].shape[1:])
     sds = []
     for s in range(n):
-        sd = _model(spec, task, s).state_dict()
+        sd = recipe.build_model(s).state_dict()
         if spec.init == "shared":
             torch.manual_seed(1000 + s)
-            fresh = architectures.build(spec.architecture, tuple(families.task_data(spec, task)[0][0].shape[1:]),
-                                        len(task.classes), **spec.arch_options).state_dict()
+            fresh = architectures.build(spec.architecture, in_shape, len(task.classes), **spec.arch_options).state_dict()
             sd.update({k: fresh[k] for k in names})
         sds.append(sd)
     return sds
