@@ -29,6 +29,7 @@ index maps and its JSON form (``layout.json``, a stored format) and change toget
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import re
@@ -205,6 +206,9 @@ class WeightLayout:
     groups: tuple[GroupSpec, ...]
     excluded: tuple[str, ...] = ()
     select: str | None = None
+    # ``fit_stats(by="element")``: the zoo's mean at every position (float32 bytes, [num_blocks, block_size],
+    # in the tensor's transformed space), subtracted before the per-tensor std of the residuals divides
+    position_mean: bytes | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     # ------------------------------------------------------------------ construction
@@ -260,9 +264,12 @@ class WeightLayout:
 
     @property
     def stats_by(self) -> str | None:
-        """``"tensor"`` (every parameter tensor has its own mean/std), ``"group"`` or None (no stats)."""
+        """``"element"`` (a mean per position, a std per tensor), ``"tensor"`` (every parameter tensor
+        has its own mean/std), ``"group"`` or None (no stats)."""
         if not self.has_stats:
             return None
+        if self.position_mean is not None:
+            return "element"
         return "tensor" if all(p.mean is not None and p.std is not None for p in self.params) else "group"
 
     def _cached(self, key, fn):
@@ -398,9 +405,15 @@ class WeightLayout:
         """Per-group mean/std over real weights of ``blocks`` [N, num_blocks, block_size]; with
         ``by="tensor"`` also every parameter tensor's own mean/std, which :meth:`normalize` then uses
         (a group mixes tensors of different scales: a layer's weights ~0 with its BatchNorm scale ~1
-        and running variance > 0; one group mean/std leaves those far off zero in normalised space)."""
-        if by not in ("group", "tensor"):
-            raise LayoutError(f"by: {by!r} is not group or tensor")
+        and running variance > 0; one group mean/std leaves those far off zero in normalised space).
+
+        ``by="element"``: the mean of every *position* over the N weight sets and, per tensor, the std
+        of the residuals around it.  For zoos whose members share a starting point (``init: shared``,
+        LoRA adapters from one initialisation) most of a tensor's spread is that common pattern; here
+        it is subtracted, so normalised zeros decode to the zoo's average and the generator models only
+        how members differ (what a condition can explain)."""
+        if by not in ("group", "tensor", "element"):
+            raise LayoutError(f"by: {by!r} is not group, tensor or element")
         if blocks.dim() == 2:
             blocks = blocks.unsqueeze(0)
         if tuple(blocks.shape[1:]) != (self.num_blocks, self.block_size):
@@ -419,21 +432,38 @@ class WeightLayout:
         groups = tuple(dataclasses.replace(g, mean=float(m), std=float(sd))
                        for g, m, sd in zip(self.groups, mean.tolist(), std.tolist()))
         params = tuple(dataclasses.replace(p, mean=None, std=None, transform=None) for p in self.params)
-        if by == "tensor":
+        position_mean = None
+        if by in ("tensor", "element"):
             flat = x.reshape(x.shape[0], -1)
             pos = self._param_index().reshape(-1)
+            pmean = torch.zeros(flat.shape[1], dtype=torch.float64)
             params = []
             for i, p in enumerate(self.params):
-                v = flat[:, pos == i]
+                sel = pos == i
+                v = flat[:, sel]
                 # a variance is modelled as its log, so every generated variance is positive (a
                 # denoiser's error around a small variance otherwise crosses zero: an invalid network)
                 log = p.name.endswith(LOG_SUFFIXES) and v.numel() > 0 and bool((v > 0).all())
                 if log:
                     v = v.log()
-                params.append(dataclasses.replace(p, mean=float(v.mean()), std=max(float(v.std(unbiased=False)), eps),
-                                                  transform="log" if log else None))
+                if by == "element":
+                    m = v.mean(0)
+                    pmean[sel] = m
+                    mean, std = float(m.mean()), float((v - m).pow(2).mean().sqrt())
+                else:
+                    mean, std = float(v.mean()), float(v.std(unbiased=False))
+                params.append(dataclasses.replace(p, mean=mean, std=max(std, eps), transform="log" if log else None))
             params = tuple(params)
-        return dataclasses.replace(self, params=params, groups=groups, _cache={})
+            if by == "element":
+                position_mean = pmean.to(torch.float32).numpy().tobytes()
+        return dataclasses.replace(self, params=params, groups=groups, position_mean=position_mean, _cache={})
+
+    def position_mean_tensor(self) -> torch.Tensor | None:
+        """float32 [num_blocks, block_size]: the per-position mean of ``by="element"`` stats, else None."""
+        if self.position_mean is None:
+            return None
+        return self._cached("position_mean", lambda: torch.frombuffer(bytearray(self.position_mean), dtype=torch.float32)
+                            .view(self.num_blocks, self.block_size).clone())
 
     def _param_index(self) -> torch.Tensor:
         """int64 [num_blocks, block_size]: which parameter tensor sits at each position (-1: padding)."""
@@ -452,9 +482,11 @@ class WeightLayout:
         return self._cached(("stats", str(device), dtype), lambda: self._build_stat_vectors(device, dtype))
 
     def _build_stat_vectors(self, device, dtype):
-        if self.stats_by == "tensor":              # position-wise [num_blocks, block_size]
+        if self.stats_by in ("tensor", "element"):     # position-wise [num_blocks, block_size]
             pi = self._param_index().clamp_min(0).to(device)
             mean = torch.tensor([p.mean for p in self.params], dtype=dtype, device=device)[pi]
+            if self.position_mean is not None:
+                mean = self.position_mean_tensor().to(device=device, dtype=dtype)
             std = torch.tensor([p.std for p in self.params], dtype=dtype, device=device)[pi]
             valid = self.valid_mask.to(device)
             log = torch.tensor([p.transform == "log" for p in self.params], device=device)[pi] & valid
@@ -502,6 +534,9 @@ class WeightLayout:
                         "first_block": g.first_block, "padding": g.num_blocks * self.block_size - g.numel,
                         "interleave": g.interleave, "mean": g.mean, "std": g.std} for g in self.groups],
             "excluded": list(self.excluded),
+            **({"position_mean": {"dtype": "float32", "shape": [self.num_blocks, self.block_size],
+                                  "base64": base64.b64encode(self.position_mean).decode("ascii")}}
+               if self.position_mean is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -518,9 +553,16 @@ class WeightLayout:
             groups = tuple(GroupSpec(g["name"], tuple(g["params"]), g["numel"], g["num_blocks"], g["first_block"],
                                      g.get("interleave", False), g.get("mean"), g.get("std")) for g in d["groups"])
             rule = d["rule"]
-            layout = cls(int(d["block_size"]), rule, params, groups, tuple(d.get("excluded", ())), d.get("select"))
-        except (KeyError, TypeError) as exc:
+            pm = d.get("position_mean")
+            position_mean = None if pm is None else base64.b64decode(pm["base64"], validate=True)
+            layout = cls(int(d["block_size"]), rule, params, groups, tuple(d.get("excluded", ())), d.get("select"),
+                         position_mean)
+        except (KeyError, TypeError, ValueError) as exc:
             raise LayoutError(f"layout is malformed: missing or bad field {exc}") from exc
+        if position_mean is not None and (pm.get("dtype") != "float32" or list(pm.get("shape", ())) !=
+                                          [layout.num_blocks, layout.block_size] or
+                                          len(position_mean) != 4 * layout.num_blocks * layout.block_size):
+            raise LayoutError(f"layout: position_mean must be float32 [{layout.num_blocks}, {layout.block_size}]")
         for p in layout.params:
             if p.dtype not in _DTYPES:
                 raise LayoutError(f"{p.name}: unknown dtype {p.dtype!r} in layout")

@@ -96,6 +96,7 @@ class GeneratorTrainConfig:
     # data and conditions
     stats_members: int = 256                     # members used to fit per-group normalisation stats
     normalization: str = "group"                 # group | tensor: one mean/std per layout group or per tensor
+    #                                              element: a mean per weight position (the zoo's average), a std per tensor
     shuffle_buffer: int = 0                      # rows in each worker's local shuffle buffer (0: 8 batches)
     # auto: a worker whose shard of the table is <= in_memory_max_mb reads it once and reshuffles it in memory
     # every epoch (no Ray Data pipeline per epoch); larger shards stream from the table. always | never force it.
@@ -142,8 +143,8 @@ class GeneratorTrainConfig:
             raise ValueError(f"data_in_memory: {self.data_in_memory!r} is not auto, always or never")
         if self.in_memory_max_mb < 0:
             raise ValueError(f"in_memory_max_mb: must be >= 0, got {self.in_memory_max_mb}")
-        if self.normalization not in ("group", "tensor"):
-            raise ValueError(f"normalization: {self.normalization!r} is not group or tensor")
+        if self.normalization not in ("group", "tensor", "element"):
+            raise ValueError(f"normalization: {self.normalization!r} is not group, tensor or element")
         for f in ("num_workers", "steps", "batch_size", "gradient_accumulation", "checkpoint_every", "log_every",
                   "stats_members", "dataset_samples_per_class"):
             if getattr(self, f) < 1:

@@ -139,8 +139,15 @@ def plan_tasks(spec: ZooSpec) -> tuple[list[Task], list[Task]]:
         groups = list(dict.fromkeys(t.holdout_key for t in train))
         k = spec.held_out_every
         reserve = {gk for i, gk in enumerate(groups) if i % k == k - 1}
-        held_out += [t for t in train if t.holdout_key in reserve]
-        train = [t for t in train if t.holdout_key not in reserve]
+        kept: list[Task] = []
+        for t in train:                  # with max_tasks: the first N training tasks and the every-k-th
+            if t.holdout_key in reserve:  # groups among them (not every k-th group of the whole vocabulary)
+                held_out.append(t)
+            elif spec.max_tasks and len(kept) == spec.max_tasks:
+                break
+            else:
+                kept.append(t)
+        train = kept
     if spec.max_tasks:
         train = train[:spec.max_tasks]
     if not train:

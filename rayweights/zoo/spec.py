@@ -105,7 +105,7 @@ class ZooSpec:
     tasks: list[str] = field(default_factory=list)       # explicit conditions ("digits:0,1,2,3,4", prompts)
     max_tasks: int = 0                        # else: enumerate all tasks, keep the first N (0 = all)
     held_out: list[str] = field(default_factory=list)    # conditions / concept keys reserved for evaluation
-    held_out_every: int = 0                   # also reserve every k-th enumerated task (concept)
+    held_out_every: int = 0                   # also reserve every k-th enumerated task (concept); with max_tasks, among the first ones
     # --- members
     architecture: str = "mlp3"
     arch_options: dict = field(default_factory=dict)

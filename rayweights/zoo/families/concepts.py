@@ -261,8 +261,15 @@ class ConceptRecipe(Recipe):
                       "test": ((xva * 2 - 1).to(device), (yva * 2 - 1).to(device))}
 
     def build_model(self, seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return architectures.build(self.spec.architecture, _in_shape(self.spec), 3, **self.spec.arch_options)
+        """The architecture with LoRA down random (from ``seed``; ``init: shared``: from the zoo's seed,
+        one adapter initialisation for every member, so members' LoRA factors correspond across
+        concepts) and up zero."""
+        shared = self.spec.init == "shared"
+        torch.manual_seed(self.spec.seed if shared else seed)
+        model = architectures.build(self.spec.architecture, _in_shape(self.spec), 3, **self.spec.arch_options)
+        if shared:
+            torch.manual_seed(seed)           # the member's own randomness from here on
+        return model
 
     def base_state_dict(self, store: bool = False) -> dict:
         """The base generator without its LoRA adapters (a member keeps its own seeded LoRA init)."""
