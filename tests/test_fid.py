@@ -327,3 +327,15 @@ def test_zoo_extractor_on_s3_trains_once_into_the_cache_and_uploads(s3_uri, tmp_
     assert zoo_extractor_spec(s3_uri, 16) == spec and calls == [1]
     model = build_feature_extractor(spec)[0]
     assert isinstance(model, TrainedFeatureExtractor) and model.config.image_size == 16
+
+
+def test_the_concepts_evaluate_config_chooses_the_zoos_trained_extractor():
+    from rayweights.config import ConfigError, load_config
+    from rayweights.evaluation.cli import EvaluateConfig, _family_options
+
+    path = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "evaluate_concepts.yaml")
+    cfg = load_config(EvaluateConfig, path, ["generator=runs/x/export"])
+    assert cfg.family == "concepts" and cfg.feature_extractor == "trained" == EvaluateConfig().feature_extractor
+    assert _family_options(cfg) == {"metric": "l1", "fid": True, "fid_images": 512, "feature_extractor": "trained"}
+    with pytest.raises(ConfigError, match="family_options.fid_imgs"):
+        load_config(EvaluateConfig, path, ["family_options={fid_imgs: 512}"])
