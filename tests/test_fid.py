@@ -339,3 +339,30 @@ def test_the_concepts_evaluate_config_chooses_the_zoos_trained_extractor():
     assert _family_options(cfg) == {"metric": "l1", "fid": True, "fid_images": 512, "feature_extractor": "trained"}
     with pytest.raises(ConfigError, match="family_options.fid_imgs"):
         load_config(EvaluateConfig, path, ["family_options={fid_imgs: 512}"])
+
+
+@pytest.mark.slow
+def test_concepts_fid_with_a_diffusers_editor_uses_the_cached_validation_pairs(tmp_path):
+    """A diffusers editor has no procedural edit for fresh sources: the metric set is the split's cached
+    pairs and the counts (12 * 0.2 -> 2 validation pairs here) say so."""
+    from test_zoo_families import CONCEPTS, _tiny_concepts, _tiny_ip2p
+
+    from rayweights.config import load_config
+    from rayweights.evaluation import make_adapter
+    from rayweights.table import open_zoo
+    from rayweights.zoo import ZooSpec, build_zoo
+
+    pipe, out = tmp_path / "ip2p", tmp_path / "zoo"
+    _tiny_ip2p(pipe)
+    s = load_config(ZooSpec, CONCEPTS, _tiny_concepts(out) + [
+        "concepts.num_images=12", "hparams.epochs=[2,2]", "keep_last=1", f"concepts.editor=diffusers:{pipe}",
+        "concepts.editor_options={num_inference_steps: 2}", 'tasks=["make it look like a watercolor"]',
+        "held_out=[]", "held_out_every=0"])
+    assert build_zoo(s, use_ray=False, progress=False).done == 1
+    ad = make_adapter("concepts", "make it look like a watercolor", open_zoo(str(out)), {"feature_extractor": "small:16"})
+    n = len(ad.split["test"][0])
+    info = ad.metric_info["fid"]
+    assert (info["n_generated"], info["n_target"]) == (n, n) and "cached validation pairs only" in info["images"]
+    m = ad.evaluate(ad.build_model(0))
+    assert (m["fid_n_generated"], m["fid_n_target"]) == (n, n) and m["fid"] >= 0
+    assert ad.metric_set("test")[0] is ad.split["test"][0]
