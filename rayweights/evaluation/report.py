@@ -122,6 +122,7 @@ def render_markdown(results: Sequence[TaskResult], header: Mapping[str, Any] | N
                          f"{_f(row['epochs_to_target'])} | {_f(row['speedup_epochs'], 2)} | "
                          f"{_f(row['time_to_target'], 3)} | {_f(row['speedup_time'], 2)} | "
                          f"{_f(row['init_seconds'], 4)} |{ex} {row['note']} |")
+        lines += _metric_info_lines(r)              # the extractor and the image counts, under the scores
         lines += ["", "N-sample statistics at epoch 0 (no fine-tuning):", "",
                   "| set | best | avg | median | worst | N |", "|---|---:|---:|---:|---:|---:|"]
         for name, label in (("generated", "generated (test)"), ("generated_train", "generated (train)"),
@@ -147,7 +148,6 @@ def render_markdown(results: Sequence[TaskResult], header: Mapping[str, Any] | N
                 f"| IoU, nearest ckpt + noise vs nearest zoo member (mean) | "
                 f"{_f(m['iou_noise_baseline_vs_nearest_zoo_mean'])} |",
                 f"| memorises (generated-vs-nearest IoU above zoo pairwise IoU) | {_f(m['memorises'])} |"]
-        lines += _metric_info_lines(r)
         if r.notes:
             lines += [""] + [f"- note: {n}" for n in r.notes]
         if images and r.task_id in images:
