@@ -224,12 +224,13 @@ class ConceptTaskAdapter(BaseTaskAdapter):
             return {}
         if self.procedural:
             n = self.fid_images
-            images = (f"{n} generated vs {n} target images: the concept's procedural edit of {n} source images "
-                      f"(seed image_seed + {self.FID_SEEDS['test']}) disjoint from the training and validation pairs")
+            images = (f"targets: the concept's procedural edit of {n} source images (seed image_seed + "
+                      f"{self.FID_SEEDS['test']}), disjoint from the training and validation pairs; generated: the "
+                      f"model's translations of the same sources")
         else:
             n = len(self.split["test"][0])
-            images = (f"{n} generated vs {n} target images: the diffusers editor's cached validation pairs only "
-                      f"(no procedural edit to make more; fewer than the 500 a stable FID needs)")
+            images = ("the diffusers editor's cached validation pairs only (no procedural edit to make more; "
+                      "fewer than the 500 a stable FID needs)")
         info = {"extractor": self.feature_extractor, "label": extractor_label(self.feature_extractor),
                 "n_generated": n, "n_target": n, "images": images}
         return {"fid": dict(info), "kid": dict(info)}
