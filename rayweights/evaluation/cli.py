@@ -64,10 +64,12 @@ class EvaluateConfig:
     max_zoo_members: int = 256
     iou_members: int = 32
     target_tol: float = 0.0
-    # FID/KID extractor for image families: trained:<dir> (the offline metric: an edit-operation CNN,
-    # evaluation.fid.ensure_trained_extractor) | inception:<dir> | small[:dim] (random, comparable only with
-    # itself) | module:...
-    feature_extractor: str = "small"
+    # FID/KID extractor for image families (concepts): "trained" = the zoo's edit-operation CNN, trained once
+    # on the procedural images into <zoo>/extractor/ on first use (offline; not Inception FID) |
+    # trained:<dir> (another such folder) | inception:<dir> (clean-fid's inception-2015-12-05.pt in a local
+    # folder, as on a cluster: real FID) | small[:dim] (a RANDOM network: not FID, comparable only with
+    # itself) | module:...   The report names the extractor and the image counts next to every FID/KID.
+    feature_extractor: str = "trained"
     output: str = ""
     parallel: bool = True              # one Ray task per evaluation task (else all in this process)
     num_gpus: float = 0.0              # per evaluation task

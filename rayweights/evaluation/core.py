@@ -217,6 +217,9 @@ class TaskResult:
     notes: list[str]
     verdict: dict[str, Any]
     extra_metrics: list[str] = field(default_factory=list)   # also tabulated and plotted (e.g. fid, psnr)
+    # per image metric (fid, kid): {"extractor", "label", "n_generated", "n_target", "images"} — shown next
+    # to every such score in the report (the adapter's ``metric_info``)
+    metric_info: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -445,5 +448,6 @@ def evaluate_task(adapter: TaskAdapter, sampler: WeightSampler, reference: ZooRe
         for m in extra:
             table[name][f"{m}_epoch0"] = c.all_metrics[0].get(m)
             table[name][f"{m}_final"] = c.all_metrics[-1].get(m)
+    info = {m: dict(v) for m, v in (getattr(adapter, "metric_info", None) or {}).items()}
     return TaskResult(adapter.task_id, adapter.condition, seen, metric, higher, opt.epochs, curves, table, target,
-                      samples, mem, notes, verdict, extra)
+                      samples, mem, notes, verdict, extra, info)

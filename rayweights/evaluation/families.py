@@ -10,8 +10,10 @@
   own init; (c) "pretrained" is the base model itself.
 * ``concepts`` — Denoised Neural Weights: the zoo's base image-to-image generator with LoRA + BN
   (the layout) fine-tuned with eq. 4 (L1 + conditional GAN against a fresh PatchGAN, Adam beta1 0.5)
-  on the concept's pairs.  Metrics per epoch on the validation pairs: L1 (primary, [0, 1] pixel units,
-  lower is better), PSNR and FID (clean-fid, ``feature_extractor``).  "random" = the base generator
+  on the concept's pairs.  Metrics per epoch: L1 (primary, [0, 1] pixel units, lower is better) and PSNR
+  on the validation pairs; FID and KID (clean-fid, ``feature_extractor``: by default the zoo's trained
+  edit-operation CNN) on a metric set of ``fid_images`` (512) fresh sources and the concept's edit of them,
+  with the image counts (:class:`ConceptTaskAdapter`).  "random" = the base generator
   with a fresh LoRA (down random, up zero: the base's output, what a member starts from).  Task
   similarity (for (c)) is the cosine of the prompts' text embeddings (the frozen text encoder), or
   word overlap with ``similarity: tokens``.
@@ -26,8 +28,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,8 @@ from ..config import ConfigError
 from ..zoo.families import get_family
 from ..zoo.spec import read_zoo_spec as _read_spec
 from .adapters import AdapterError, register_adapter
-from .fid import build_feature_extractor, compute_fid, save_images
+from ..zoo.editor import concept_by_key, make_images
+from .fid import FIDError, build_feature_extractor, extractor_label, feature_metrics, image_features, zoo_extractor_spec
 from .metrics import l1_error
 from .protocols import BaseTaskAdapter, token_similarity
 
@@ -160,31 +161,79 @@ _TEXT_ENCODERS: dict = {}
 
 
 class ConceptTaskAdapter(BaseTaskAdapter):
+    """``concepts`` tasks (see the module doc).  FID and KID (``fid: true``) are measured on a metric
+    image set of ``fid_images`` images per split (default 512), not on the ~dozen validation pairs:
+
+    * sources: :func:`rayweights.zoo.editor.make_images` with seed ``image_seed + 1_000_003`` (test) /
+      ``+ 2_000_003`` (train: best-of-N picks on it), disjoint from the zoo's training/validation sources
+      (``image_seed``), its base generator's (``image_seed + 1``) and the extractor's training images;
+    * targets: the concept's procedural edit of them; their features are computed once per adapter;
+    * generated: the fine-tuned model's translations of the same sources (fixed noise).
+
+    A ``diffusers:`` editor has no procedural edit: the metric set is then the split's cached pairs
+    (their count, far below 500, is what is reported).  ``feature_extractor``: ``trained`` = the zoo's
+    trained extractor (:func:`rayweights.evaluation.fid.zoo_extractor_spec`, made on first use),
+    ``trained:<dir>``, ``inception:<dir>`` (clusters), ``small[:dim]`` (a random network: not FID).
+    :attr:`metric_info` says which extractor and how many images every FID/KID used."""
+
     metric = "l1"
     higher_is_better = False
+    FID_SEEDS = {"test": 1_000_003, "train": 2_000_003}     # offsets from the zoo's image_seed
 
     def __init__(self, spec, layout: WeightLayout, condition: str, lr: float | None = None,
                  weight_decay: float | None = None, batch_size: int | None = None, metric: str = "l1",
-                 fid: bool = True, feature_extractor: str = "small:16", similarity: str = "embedding",
-                 text_encoder: str | None = None):
+                 fid: bool = True, feature_extractor: str = "trained", fid_images: int = 512,
+                 similarity: str = "embedding", text_encoder: str | None = None):
         if metric not in ("l1", "fid"):
             raise AdapterError(f"family_options.metric: {metric!r} is not l1 or fid")
         if metric == "fid" and not fid:
             raise AdapterError("family_options: metric fid needs fid: true")
         if similarity not in ("embedding", "tokens"):
             raise AdapterError(f"family_options.similarity: {similarity!r} is not embedding or tokens")
+        if isinstance(fid_images, bool) or not isinstance(fid_images, int) or fid_images < 2:
+            raise AdapterError(f"family_options.fid_images: expected an integer >= 2 (images per metric set; "
+                               f">= 500 for a meaningful FID), got {fid_images!r}")
         self.recipe = _recipe(spec, condition, lr=lr, weight_decay=weight_decay, batch_size=batch_size)
         self.task = self.recipe.task
         self.spec, self.layout, self.condition, self.task_id = spec, layout, condition, self.task.task_id
-        self.metric, self.fid, self.feature_extractor = metric, bool(fid), feature_extractor
+        self.metric, self.fid, self.fid_images = metric, bool(fid), fid_images
         self.similarity_kind, self.text_encoder_name = similarity, text_encoder
         self.lr, self.weight_decay, self.batch_size = self.recipe.lr, self.recipe.weight_decay, self.recipe.batch_size
         self.split = self.recipe.split
         self._extractor = None
-        self._fid_ref: dict[str, str] = {}
+        self._metric_sets: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
         if self.fid:
-            self._extractor = build_feature_extractor(feature_extractor)     # checked now: bad spec = early error
+            if feature_extractor == "trained":        # the zoo's own (the factory passes the zoo's URI)
+                feature_extractor = zoo_extractor_spec(spec.output, spec.concepts.image_size)
+            try:
+                self._extractor = build_feature_extractor(feature_extractor)   # checked now: early error
+            except FIDError as exc:
+                raise AdapterError(f"family_options.{exc}") from exc
+        self.feature_extractor = feature_extractor
         _check_layout(self.recipe, layout, spec)
+
+    @property
+    def procedural(self) -> bool:
+        return self.spec.concepts.editor == "procedural"
+
+    @property
+    def metric_info(self) -> dict[str, dict]:
+        """Per image metric (``fid``, ``kid``): the extractor, what it is, and the image counts of the
+        test metric set (what the report prints next to every FID/KID)."""
+        if not self.fid:
+            return {}
+        if self.procedural:
+            n = self.fid_images
+            images = (f"targets: the concept's procedural edit of {n} source images (seed image_seed + "
+                      f"{self.FID_SEEDS['test']}), disjoint from the training and validation pairs; generated: the "
+                      f"model's translations of the same sources")
+        else:
+            n = len(self.split["test"][0])
+            images = ("the diffusers editor's cached validation pairs only (no procedural edit to make more; "
+                      "fewer than the 500 a stable FID needs)")
+        info = {"extractor": self.feature_extractor, "label": extractor_label(self.feature_extractor),
+                "n_generated": n, "n_target": n, "images": images}
+        return {"fid": dict(info), "kid": dict(info)}
 
     def build_model(self, seed: int) -> nn.Module:
         G = self.recipe.build_model(seed)            # fresh LoRA for this seed: down random, up zero
@@ -208,17 +257,31 @@ class ConceptTaskAdapter(BaseTaskAdapter):
         z = torch.randn(len(x), model.noise_channels, *x.shape[2:], generator=g)
         return model(x, z), y
 
-    def _fid(self, out: torch.Tensor, split: str) -> float:
-        if split not in self._fid_ref:
-            d = tempfile.mkdtemp(prefix=f"rw-fid-ref-{split}-")
-            save_images(self.split[split][1], d)
-            self._fid_ref[split] = d
-        d = tempfile.mkdtemp(prefix="rw-fid-out-")
-        try:
-            save_images(out, d)
-            return compute_fid(d, self._fid_ref[split], self._extractor)
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
+    def metric_set(self, split: str = "test") -> tuple[torch.Tensor, np.ndarray]:
+        """(sources in [-1, 1], the targets' extractor features) of ``split``'s metric set, made once."""
+        if split not in self._metric_sets:
+            x_split = self.split[split][0]
+            if self.procedural:
+                co = self.spec.concepts
+                src = make_images(self.fid_images, co.image_size, seed=co.image_seed + self.FID_SEEDS[split])
+                tgt = concept_by_key(self.task.group).apply(src)
+                src = (src * 2 - 1).to(x_split.device)
+            else:
+                src, tgt = x_split, self.split[split][1]
+            self._metric_sets[split] = (src, image_features(tgt, self._extractor))
+        return self._metric_sets[split]
+
+    @torch.no_grad()
+    def image_metrics(self, model, split: str = "test", batch_size: int = 256) -> dict[str, float]:
+        """``fid``, ``kid``, ``fid_n_generated``, ``fid_n_target``: the model's translations of the metric
+        set's sources vs its targets, through the adapter's extractor."""
+        model.eval()
+        src, ref = self.metric_set(split)
+        g = torch.Generator().manual_seed(1)
+        z = torch.randn(len(src), model.noise_channels, *src.shape[2:], generator=g).to(src.device)
+        out = torch.cat([model(src[i:i + batch_size], z[i:i + batch_size]) for i in range(0, len(src), batch_size)])
+        m = feature_metrics(image_features(out, self._extractor), ref)
+        return {"fid": m["fid"], "kid": m["kid"], "fid_n_generated": m["n_a"], "fid_n_target": m["n_b"]}
 
     def evaluate(self, model, split="test"):
         out, y = self.translate(model, split)
@@ -226,12 +289,8 @@ class ConceptTaskAdapter(BaseTaskAdapter):
         mse = float((((out - y) / 2) ** 2).mean())
         m = {"l1": l1, "psnr": 10 * math.log10(1.0 / max(mse, 1e-12))}
         if self.fid:
-            m["fid"] = self._fid(out, split)
+            m.update(self.image_metrics(model, split))
         return m
-
-    def __del__(self):
-        for d in getattr(self, "_fid_ref", {}).values():
-            shutil.rmtree(d, ignore_errors=True)
 
     def similarity(self, condition: str) -> float:
         if self.similarity_kind == "tokens":
@@ -247,7 +306,7 @@ class ConceptTaskAdapter(BaseTaskAdapter):
 
     @property
     def report_metrics(self) -> list[str]:
-        return [m for m in ("l1", "fid", "psnr") if m != self.metric and (m != "fid" or self.fid)]
+        return [m for m in ("l1", "fid", "kid", "psnr") if m != self.metric and (m in ("l1", "psnr") or self.fid)]
 
 
 # ----------------------------------------------------------------------------- registration
@@ -266,6 +325,11 @@ def _concepts_factory(condition: str, zoo, **options) -> ConceptTaskAdapter:
     spec, _ = read_zoo_spec(zoo)
     if spec.family != "concepts":
         raise AdapterError(f"family: the zoo was built with family {spec.family!r}")
+    if options.get("fid", True) and options.get("feature_extractor", "trained") == "trained":
+        try:                                 # the zoo's trained extractor, where the zoo is now
+            options = {**options, "feature_extractor": zoo_extractor_spec(zoo.uri, spec.concepts.image_size)}
+        except FIDError as exc:
+            raise AdapterError(f"family_options.{exc}") from exc
     return ConceptTaskAdapter(spec, zoo.layout, condition, **options)
 
 

@@ -10,6 +10,8 @@ Feature extractor specs (``build_feature_extractor``):
   :mod:`rayweights.zoo.editor` (colour, tone, filter, geometry) made an image.  Its scores are "FID with
   a trained edit-op CNN", not Inception FID: comparable between runs that load the same folder.
   :func:`ensure_trained_extractor` trains and saves one once (beside a zoo) and loads it afterwards;
+  :func:`zoo_extractor_spec` gives the one of a zoo (``<zoo>/extractor/``, what the ``concepts``
+  evaluation's bare ``"trained"`` means);
 * ``"small"`` / ``"small:<dim>"`` — a small *randomly initialised* (fixed seed) conv net: its distances
   measure pixel statistics seen through random filters, comparable only with other ``small`` scores of
   the same dim (a smoke-test metric, not FID);
@@ -18,11 +20,14 @@ Feature extractor specs (``build_feature_extractor``):
 
 :func:`compute_fid` and :func:`compute_kid` score two folders; :func:`image_metrics` gives both with the
 image counts and the extractor, which every reported score should carry.  Images in folders are RGB
-PNGs; :func:`save_images` writes them from tensors.
+PNGs; :func:`save_images` writes them from tensors.  :func:`image_features` gives the same features for
+in-memory images without the folder (clean-fid's preprocessing of the saved PNGs, done in memory), and
+:func:`feature_metrics` FID/KID from two feature arrays: reference features are computed once and reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -42,7 +47,8 @@ from ..errors import UserError
 
 __all__ = ["SmallFeatureExtractor", "TrainedFeatureExtractor", "ExtractorReport", "train_feature_extractor",
            "edit_op_training_set", "ensure_trained_extractor", "build_feature_extractor", "save_images",
-           "compute_fid", "compute_kid", "image_metrics", "FIDError"]
+           "compute_fid", "compute_kid", "image_metrics", "image_features", "feature_metrics", "extractor_label",
+           "zoo_extractor_spec", "EXTRACTOR_DIR", "FIDError"]
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
@@ -272,6 +278,17 @@ class _Inception(nn.Module):
         return self.model(x)
 
 
+def _pil_resizer(size: int) -> Callable:
+    """clean-fid's PIL bicubic float resize to ``size`` x ``size``; tagged ``identity_at = (size, size)``:
+    PIL returns an unchanged copy when the size does not change, so images of that size pass as they are
+    (:func:`image_features` skips the per-image call then; same numbers)."""
+    from cleanfid.resize import make_resizer   # clean-fid: imported where a score is computed
+
+    resize = make_resizer("PIL", False, "bicubic", (size, size))
+    resize.identity_at = (size, size)
+    return resize
+
+
 def build_feature_extractor(spec: str, device: torch.device | str = "cpu") -> tuple[nn.Module, Callable | None]:
     """(module, custom resize fn or None) for a spec (see the module doc)."""
     if not isinstance(spec, str) or not spec:
@@ -284,17 +301,12 @@ def build_feature_extractor(spec: str, device: torch.device | str = "cpu") -> tu
         except ValueError:
             raise FIDError(f"feature_extractor: {spec!r}: 'small:<dim>' needs an integer dim") from None
         model = SmallFeatureExtractor(dim)
-        from cleanfid.resize import make_resizer   # clean-fid: imported where a score is computed
-
-        resize = make_resizer("PIL", False, "bicubic", (64, 64))
+        resize = _pil_resizer(64)
     elif kind == "trained":
         if not arg:
             raise FIDError("feature_extractor: 'trained:<path>' needs the folder of a TrainedFeatureExtractor")
         model = _load_trained(arg)
-        from cleanfid.resize import make_resizer   # clean-fid: imported where a score is computed
-
-        size = model.config.image_size
-        resize = make_resizer("PIL", False, "bicubic", (size, size))
+        resize = _pil_resizer(model.config.image_size)
     elif kind == "inception":
         if not arg:
             raise FIDError("feature_extractor: 'inception:<dir>' needs the folder holding " + INCEPTION_FILE)
@@ -313,11 +325,8 @@ def build_feature_extractor(spec: str, device: torch.device | str = "cpu") -> tu
     return model.to(device).eval(), resize
 
 
-def save_images(images: torch.Tensor | np.ndarray, folder: str, prefix: str = "img") -> list[str]:
-    """Write a batch of images as PNGs. Accepts uint8 [N, H, W, 3] / [N, 3, H, W] or float in [-1, 1]
-    ([N, 3, H, W], the usual generator output) or [0, 1] (when ``images.min() >= 0``)."""
-    from PIL import Image          # only where images are written
-
+def _to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` from the inputs :func:`save_images` accepts (the pixels it writes)."""
     x = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
     if x.ndim != 4:
         raise FIDError(f"images: expected 4 dims [N, C, H, W] or [N, H, W, C], got shape {x.shape}")
@@ -329,6 +338,15 @@ def save_images(images: torch.Tensor | np.ndarray, folder: str, prefix: str = "i
         x = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
+    return x
+
+
+def save_images(images: torch.Tensor | np.ndarray, folder: str, prefix: str = "img") -> list[str]:
+    """Write a batch of images as PNGs. Accepts uint8 [N, H, W, 3] / [N, 3, H, W] or float in [-1, 1]
+    ([N, 3, H, W], the usual generator output) or [0, 1] (when ``images.min() >= 0``)."""
+    from PIL import Image          # only where images are written
+
+    x = _to_uint8(images)
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i, img in enumerate(x):
@@ -362,12 +380,16 @@ def _folder_features(folder: str, model: nn.Module, resize: Callable | None, dev
 
 
 def _kid(feats_a: np.ndarray, feats_b: np.ndarray, seed: int) -> float:
-    """clean-fid's ``kernel_distance`` (the KID of its ``compute_kid``) with its subset draws seeded."""
+    """clean-fid's ``kernel_distance`` (the KID of its ``compute_kid``) with its subset draws seeded.
+    With equal counts of at most 1000 every one of its 100 subsets holds all the images (a permutation,
+    and the estimator is permutation invariant), so one subset gives the same value at 1/100 the cost."""
     from cleanfid import fid
 
     state = np.random.get_state()
     np.random.seed(seed)
     try:
+        if len(feats_a) == len(feats_b) <= 1000:
+            return float(fid.kernel_distance(feats_a, feats_b, num_subsets=1))
         return float(fid.kernel_distance(feats_a, feats_b))
     finally:
         np.random.set_state(state)
@@ -399,17 +421,103 @@ def compute_kid(dir_a: str, dir_b: str, feature_extractor: str | nn.Module | tup
     return _kid(fa, fb, seed)
 
 
+def image_features(images: torch.Tensor | np.ndarray, feature_extractor: str | nn.Module | tuple = "small",
+                   device: torch.device | str = "cpu", batch_size: int = 256) -> np.ndarray:
+    """Extractor features ``[N, D]`` of in-memory images (any input of :func:`save_images`): the features
+    clean-fid's ``get_folder_features`` gives for the folder :func:`save_images` would write — the same
+    uint8 pixels, the same resize function (clean-fid's ``"clean"`` resize when the extractor has none),
+    the same tensor conversion and ``get_batch_features`` — without writing or reading PNGs."""
+    from cleanfid import fid       # clean-fid: imported where a score is computed
+    from cleanfid.resize import build_resizer
+    from torchvision.transforms import ToTensor
+
+    x = _to_uint8(images)
+    device = torch.device(device)
+    model, resize = _extractor(feature_extractor, device)
+    resize = resize or build_resizer("clean")
+    to_tensor = ToTensor()
+    same_size = getattr(resize, "identity_at", None) == tuple(x.shape[1:3])
+    feats = []
+    for i in range(0, len(x), batch_size):
+        if same_size:                       # the resize would return the float pixels unchanged
+            batch = torch.from_numpy(x[i:i + batch_size].astype(np.float32)).permute(0, 3, 1, 2)
+        else:
+            batch = []
+            for img in x[i:i + batch_size]:
+                r = resize(img)             # as clean-fid's ResizeDataset.__getitem__
+                batch.append(to_tensor(np.array(r)) * 255 if r.dtype == np.uint8 else to_tensor(r))
+            batch = torch.stack(batch)
+        feats.append(fid.get_batch_features(batch, model, device))
+    return np.concatenate(feats)
+
+
+def feature_metrics(feats_a: np.ndarray, feats_b: np.ndarray, seed: int = 0) -> dict:
+    """``{"fid", "kid", "n_a", "n_b"}`` from two feature arrays: clean-fid's ``frechet_distance`` of the
+    fitted Gaussians and its ``kernel_distance`` (subsets drawn with ``seed``)."""
+    from cleanfid import fid
+
+    if len(feats_a) < 2 or len(feats_b) < 2:
+        raise FIDError(f"FID: needs at least 2 images a side, got {len(feats_a)} and {len(feats_b)}")
+    fd = fid.frechet_distance(feats_a.mean(0), np.cov(feats_a, rowvar=False), feats_b.mean(0),
+                              np.cov(feats_b, rowvar=False))
+    return {"fid": float(fd), "kid": _kid(feats_a, feats_b, seed), "n_a": len(feats_a), "n_b": len(feats_b)}
+
+
+def extractor_label(spec: str) -> str:
+    """What a score made with the extractor ``spec`` is, for reports: ``small`` is a random network
+    (not FID), ``trained:`` an edit-operation CNN (not Inception FID), ``inception:`` Inception FID."""
+    kind = spec.partition(":")[0] if isinstance(spec, str) else ""
+    return {"small": f"{spec} (random network, not FID: comparable only with the same small extractor)",
+            "trained": f"{spec} (edit-operation CNN trained on the procedural images; not Inception FID: "
+                       "comparable only with scores of the same extractor folder)",
+            "inception": f"{spec} (clean-fid Inception-V3: FID)"}.get(kind, f"{spec} (custom extractor)")
+
+
+EXTRACTOR_DIR = "extractor"
+
+
+def _cache_root() -> str:
+    return os.path.expanduser(os.environ.get("RAYWEIGHTS_CACHE") or "~/.cache/rayweights")
+
+
+def zoo_extractor_spec(zoo_uri: str, image_size: int) -> str:
+    """``"trained:<zoo>/extractor"``: the zoo's trained extractor, made on first use.
+
+    A local zoo keeps it in ``<zoo>/extractor/`` (:func:`ensure_trained_extractor` at the zoo's
+    ``image_size``: trained once, atomically, then loaded).  An ``s3://`` zoo: when
+    ``<zoo>/extractor/config.json`` exists it is used; otherwise the extractor is trained into the
+    local cache ``$RAYWEIGHTS_CACHE/extractors/<hash of the zoo URI>-s<size>/`` (default
+    ``~/.cache/rayweights``) and uploaded to ``<zoo>/extractor/`` file by file, ``config.json`` last (what
+    readers check), so later readers on any node load the one copy."""
+    from ..storage import StorageError, exists, resolve, write_bytes_atomic
+
+    try:
+        loc = resolve(zoo_uri).join(EXTRACTOR_DIR)
+        if not loc.is_s3:
+            ensure_trained_extractor(loc.path, image_size)
+            return f"trained:{loc.uri}"
+        if exists(loc.join("config.json")):
+            return f"trained:{loc.uri}"
+        key = hashlib.sha1(loc.uri.encode()).hexdigest()[:16]
+        local = os.path.join(_cache_root(), "extractors", f"{key}-s{image_size}")
+        ensure_trained_extractor(local, image_size)
+        names = sorted(os.listdir(local), key=lambda n: n == "config.json")
+        for name in names:
+            with open(os.path.join(local, name), "rb") as f:
+                write_bytes_atomic(loc.join(name), f.read())
+        return f"trained:{loc.uri}"
+    except (StorageError, OSError) as exc:
+        raise FIDError(f"feature_extractor: trained (the zoo's extractor under {zoo_uri}): {exc}") from exc
+
+
 def image_metrics(dir_a: str, dir_b: str, feature_extractor: str | nn.Module | tuple = "small",
                   device: torch.device | str = "cpu", batch_size: int = 32, seed: int = 0) -> dict:
     """``{"fid", "kid", "n_a", "n_b", "extractor"}`` for two image folders (features extracted once; the
     same numbers as :func:`compute_fid` / :func:`compute_kid`): every score carries its image counts and
     its extractor (the spec string, else the module's class name)."""
-    from cleanfid import fid
-
     _check_folders(dir_a, dir_b)
     device = torch.device(device)
     model, resize = _extractor(feature_extractor, device)
     fa, fb = (_folder_features(d, model, resize, device, batch_size) for d in (dir_a, dir_b))
-    fd = fid.frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
     name = feature_extractor if isinstance(feature_extractor, str) else type(model).__name__
-    return {"fid": float(fd), "kid": _kid(fa, fb, seed), "n_a": len(fa), "n_b": len(fb), "extractor": name}
+    return {**feature_metrics(fa, fb, seed), "extractor": name}

@@ -68,6 +68,34 @@ def verdict_sentences(results: Sequence[TaskResult]) -> list[str]:
     return out
 
 
+def _counts(i: Mapping[str, Any] | None) -> str:
+    return f" (n={i.get('n_generated')}/{i.get('n_target')})" if i else ""
+
+
+def _metric_info_lines(r: TaskResult) -> list[str]:
+    """One line per group of image metrics with the same extractor and images: which extractor produced
+    the scores and how many images each side."""
+    info = getattr(r, "metric_info", None) or {}
+    groups: dict[tuple, list[str]] = {}
+    for m, i in info.items():
+        groups.setdefault((i.get("label", i.get("extractor")), i.get("n_generated"), i.get("n_target"),
+                           i.get("images", "")), []).append(m)
+    out = []
+    for (label, n_gen, n_tgt, images), ms in groups.items():
+        out.append(f"- {' and '.join(f'**{m}**' for m in ms)} (every epoch, every row): extractor `{label}`; "
+                   f"{n_gen} generated vs {n_tgt} target images" + (f" ({images})" if images else "") + ".")
+    return [""] + out if out else []
+
+
+def _metric_axis_label(r: TaskResult, m: str) -> str:
+    i = (getattr(r, "metric_info", None) or {}).get(m)
+    if not i:
+        return m
+    kind = str(i.get("extractor", "")).partition(":")[0]
+    what = {"small": "small, random net", "trained": "trained edit-op CNN", "inception": "Inception"}.get(kind, kind)
+    return f"{m} ({what}; {i.get('n_generated')} vs {i.get('n_target')} images)"
+
+
 def render_markdown(results: Sequence[TaskResult], header: Mapping[str, Any] | None = None,
                     images: Mapping[str, str] | None = None) -> str:
     lines = ["# Evaluation report", ""]
@@ -82,7 +110,9 @@ def render_markdown(results: Sequence[TaskResult], header: Mapping[str, Any] | N
                   "", f"Metric: **{r.metric}** on the test split ({better}); from-scratch target = random init "
                   f"after {r.epochs} epochs = {_f(r.target)}.", ""]
         extra = list(getattr(r, "extra_metrics", []) or [])
-        ex_head = "".join(f" {m} epoch 0 | {m} epoch {r.epochs} |" for m in extra)
+        info = getattr(r, "metric_info", None) or {}
+        ex_head = "".join(f" {m}{_counts(info.get(m))} epoch 0 | {m}{_counts(info.get(m))} epoch {r.epochs} |"
+                          for m in extra)
         lines.append(f"| initialisation | epoch 0 | epoch {r.epochs} | epochs to target | speed-up (epochs) | "
                      f"time to target (s) | speed-up (time) | init cost (s) |{ex_head} note |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(extra) + "---|")
@@ -92,6 +122,7 @@ def render_markdown(results: Sequence[TaskResult], header: Mapping[str, Any] | N
                          f"{_f(row['epochs_to_target'])} | {_f(row['speedup_epochs'], 2)} | "
                          f"{_f(row['time_to_target'], 3)} | {_f(row['speedup_time'], 2)} | "
                          f"{_f(row['init_seconds'], 4)} |{ex} {row['note']} |")
+        lines += _metric_info_lines(r)              # the extractor and the image counts, under the scores
         lines += ["", "N-sample statistics at epoch 0 (no fine-tuning):", "",
                   "| set | best | avg | median | worst | N |", "|---|---:|---:|---:|---:|---:|"]
         for name, label in (("generated", "generated (test)"), ("generated_train", "generated (train)"),
@@ -156,7 +187,7 @@ def plot_curves(result: TaskResult, path: str) -> str:
         ax.grid(alpha=0.3)
     for ax, m in zip(axes[2:], extra):
         ax.set_xlabel("fine-tuning epoch")
-        ax.set_ylabel(m)
+        ax.set_ylabel(_metric_axis_label(result, m))
         ax.grid(alpha=0.3)
     ax1.set_title(f"{result.task_id} ({'seen' if result.seen else 'held out'})")
     ax2.legend(fontsize=7, loc="best")
