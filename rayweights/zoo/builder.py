@@ -57,12 +57,11 @@ from tqdm import tqdm
 from .. import runtime          # runtime.ray_init at call time: tests can forbid starting Ray
 from ..blocks import LayoutError, WeightLayout
 from ..config import from_dict, to_dict
-from ..errors import check_id
 from ..runtime import worker_env
 from ..storage import delete, join, list_files, read_bytes, resolve, write_bytes_atomic
 from ..table import CheckpointRecord, ZooError, ZooWriter
 from . import families
-from .families import Task, get_family
+from .families import Task, get_family, plan_tasks
 from .spec import ZooSpec
 
 log = logging.getLogger(__name__)
@@ -117,50 +116,6 @@ class BuildSummary:
             why = ", ".join(f"{n} {k}" for k, n in sorted(self.retry_reasons.items()))
             s += f"; {self.retried} member(s) retried ({why})"
         return s
-
-
-def plan_tasks(spec: ZooSpec) -> tuple[list[Task], list[Task]]:
-    """-> (training tasks, held-out tasks).  Held-out entries match a task's condition or its group
-    (a concept key holds out all its paraphrases); ``held_out_every`` reserves every k-th group."""
-    fam = get_family(spec.family)
-    if spec.tasks:
-        tasks = [fam.task_from_condition(spec, c) for c in spec.tasks]
-    else:
-        tasks = fam.enumerate_tasks(spec)
-    held = set(spec.held_out)
-    hit = lambda t: t.condition in held or t.holdout_key in held or t.task_id in held
-    direct = [t for t in tasks if hit(t)]
-    matched = {k for t in direct for k in (t.condition, t.holdout_key, t.task_id)}
-    extra = [fam.task_from_condition(spec, c) for c in sorted(held - matched)]
-    held_keys = {t.holdout_key for t in direct + extra}
-    held_out = [t for t in tasks if t.holdout_key in held_keys] + extra
-    train = [t for t in tasks if t.holdout_key not in held_keys]
-    if spec.held_out_every:
-        groups = list(dict.fromkeys(t.holdout_key for t in train))
-        k = spec.held_out_every
-        reserve = {gk for i, gk in enumerate(groups) if i % k == k - 1}
-        kept: list[Task] = []
-        for t in train:                  # with max_tasks: the first N training tasks and the every-k-th
-            if t.holdout_key in reserve:  # groups among them (not every k-th group of the whole vocabulary)
-                held_out.append(t)
-            elif spec.max_tasks and len(kept) == spec.max_tasks:
-                break
-            else:
-                kept.append(t)
-        train = kept
-    if spec.max_tasks:
-        train = train[:spec.max_tasks]
-    if not train:
-        raise ValueError("tasks: the task list is empty (after removing held-out tasks)")
-    for t in train + held_out:          # every id that becomes part of a path is checked here, in one place
-        check_id(t.task_id, f"tasks: {t.condition!r} gives task id")
-    ids = [t.task_id for t in train]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
-        raise ValueError(f"tasks: {dup} appears twice")
-    if hasattr(fam, "validate_tasks"):
-        fam.validate_tasks(spec, train + held_out)
-    return train, held_out
 
 
 def effective_select(spec: ZooSpec):

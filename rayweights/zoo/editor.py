@@ -4,7 +4,8 @@ Denoised Neural Weights builds its zoo from (source, edited) image pairs per tex
 edited images made by diffusion editors (InstructPix2Pix, SD img2img, ...).  Here:
 
 * **Source images** are made in code (:func:`make_images`): gradients, shapes, stripes and checks
-  in random colours, deterministic in a seed; on a cluster any image folder can be used instead.
+  in random colours, deterministic in a seed; ``concepts.sources`` reads the user's image folder or
+  Parquet image table instead (:mod:`rayweights.zoo.sources`).
 * **Concepts** are real image operations (:data:`OPS`): colour shifts (hue rotations, tints,
   warm/cool, brightness, contrast, saturation, gamma, channel swaps), tone operations (invert,
   grayscale, sepia, posterize, solarize, threshold), filters (blur, sharpen, edges, emboss,

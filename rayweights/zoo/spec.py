@@ -17,6 +17,7 @@ from ..errors import check_id
 from ..storage import read_bytes, resolve
 from . import architectures
 from .families import FAMILIES
+from .sources import parse_sources
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -62,14 +63,23 @@ class ConceptOptions:
 
     image_size: int = 16                # source/target images are image_size x image_size RGB
     num_images: int = 64                # paired images per concept (paper: 400 per concept, 80/10/10 split)
-    image_seed: int = 0                 # seed of the procedural source images
+    image_seed: int = 0                 # seed of the procedural images / of the pick from a folder or table
+    # where the source images come from: procedural (offline default) | imagefolder:<uri> | parquet:<uri>
+    # (or a bare folder URI / a URI ending in .parquet; local, file:// or s3://)
+    sources: str = "procedural"
+    sources_column: str = "image"       # a Parquet table's column of encoded image bytes (or {bytes, path})
     max_ops: int = 2                    # 1: single operations only; 2: plus two-step compositions
     paraphrases: int = 1                # prompts per concept (the paper's augmented concepts)
     editor: str = "procedural"          # procedural | diffusers:<pipeline folder>
     editor_options: dict = field(default_factory=dict)   # e.g. {num_inference_steps: 20}
     lambda_l1: float = 100.0            # lambda of eq. 4 (pix2pix's 100)
-    base_images: int = 256              # images the base generator is trained on (identity, L1)
+    base_images: int = 256              # procedural images the base generator is trained on (user sources:
+                                        # the members' training split of the source images)
     base_lr: float = 2e-3
+    # the base generator's objective (L1): mixture = pairs (x, edit(x)) of the zoo's training concepts,
+    # a concept drawn uniformly per image (held-out concepts never); identity = reproduce x (zoos built
+    # before this option existed: their zoo_spec.json reads as identity)
+    base_objective: Literal["mixture", "identity"] = "mixture"
     discriminator: dict = field(default_factory=lambda: {"width": 16, "layers": 2})
 
     def __post_init__(self):
@@ -83,6 +93,9 @@ class ConceptOptions:
             raise ValueError("concepts.paraphrases: must be >= 1")
         if self.editor != "procedural" and not self.editor.startswith("diffusers:"):
             raise ValueError(f"concepts.editor: {self.editor!r} is not 'procedural' or 'diffusers:<path>'")
+        parse_sources(self.sources)
+        if not self.sources_column:
+            raise ValueError("concepts.sources_column: empty (the Parquet column of encoded images)")
         if self.lambda_l1 < 0 or self.base_lr <= 0 or self.base_images < 2:
             raise ValueError("concepts: lambda_l1 >= 0, base_lr > 0 and base_images >= 2 are required")
         unknown = set(self.discriminator) - {"width", "layers"}
@@ -186,7 +199,11 @@ def read_zoo_spec(zoo_uri: str) -> tuple[ZooSpec | None, list[str]]:
         d = json.loads(read_bytes(resolve(zoo_uri).join("zoo_spec.json")))
     except FileNotFoundError:
         return None, []
-    spec = from_dict(ZooSpec, d["spec"])
+    raw = d["spec"]
+    if raw.get("family") == "concepts" and "base_objective" not in (raw.get("concepts") or {}):
+        # written before concepts.base_objective existed: its base generator was trained on identity
+        raw = {**raw, "concepts": {**(raw.get("concepts") or {}), "base_objective": "identity"}}
+    spec = from_dict(ZooSpec, raw)
     if not spec.output:
         spec = dataclasses.replace(spec, output=zoo_uri)
     return spec, list(d.get("held_out", []))

@@ -8,13 +8,13 @@ fine-tunes with it.
 from __future__ import annotations
 
 from .base import (FAMILIES, Family, Recipe, Task, draw_hparams, evaluate, freeze_batchnorm, get_family,
-                   make_optimizer, register_family, resolve_device, train_epoch)
+                   make_optimizer, plan_tasks, register_family, resolve_device, train_epoch)
 from .data import dataset_prefix, load_dataset, task_split
 from .subsets import base_model_state, enumerate_tasks, task_data, task_from_condition
 from . import concepts  # noqa: E402,F401  (registers the family)
 
 __all__ = ["FAMILIES", "Family", "Recipe", "Task", "get_family", "register_family", "draw_hparams", "evaluate",
-           "train_epoch", "freeze_batchnorm", "make_optimizer", "resolve_device", "load_dataset",
+           "train_epoch", "plan_tasks", "freeze_batchnorm", "make_optimizer", "resolve_device", "load_dataset",
            "dataset_prefix", "task_split", "task_data", "enumerate_tasks", "task_from_condition",
            "base_model_state", "train_member", "template_state_dict", "condition_features"]
 

@@ -1,18 +1,26 @@
 """``concepts`` (Denoised Neural Weights): one task per text concept of image-to-image translation.
 
-A base generator (``e2gan_lora``: ResNet blocks + a transformer block, E2GAN-like) is trained
-once per zoo to reproduce its input (L1) and cached in the zoo (``<zoo>/base/generator/``:
-``config.json`` + ``diffusion_pytorch_model.safetensors``).  Each member starts from it with
-fresh LoRA adapters (its own seed) and trains only the selected parameters — the LoRA down/up
-weights and the BN affine parameters (BN statistics frozen) — with eq. 4 of the paper:
+Source images (``concepts.sources``, :mod:`rayweights.zoo.sources`) are made in code
+(``procedural``, the offline default) or read from the user's image folder or Parquet image table
+(local or ``s3://``).  A base generator (``e2gan_lora``: ResNet blocks + a transformer block,
+E2GAN-like) is trained once per zoo with L1 and cached in the zoo (``<zoo>/base/generator/``:
+``config.json`` with its training configuration + ``diffusion_pytorch_model.safetensors``).  Its
+objective (``concepts.base_objective``): ``mixture`` (default, as the paper's base pretrained on the
+editing tasks) maps x to edit(x) for a concept drawn uniformly per image from the zoo's *training*
+concepts (held-out concepts never; the list is recorded in ``config.json``), so each member's LoRA
+learns its concept's residual from a generic editor; ``identity`` reproduces x (zoos built before the
+option existed).  Each member starts from it with fresh LoRA adapters (its own seed) and trains only
+the selected parameters — the LoRA down/up weights and the BN affine parameters (BN statistics
+frozen) — with eq. 4 of the paper:
 
     min_G max_D  lambda * E[|y - G(x, z)|_1] + E[log D(x, y)] + E[log(1 - D(x, G(x, z)))]
 
 alternating discriminator and generator steps (Adam, beta1 = 0.5 as in pix2pix), against a fresh
 conditional PatchGAN per member.  Pairs (x, y) come from the editor (``concepts.editor``):
-``procedural`` applies the concept's real image operations to images made in code;
+``procedural`` applies the concept's real image operations to the source images;
 ``diffusers:<path>`` edits them with an InstructPix2Pix / SD img2img pipeline, its pairs cached in
-the zoo (``<zoo>/pairs/<task_id>.safetensors``) so members and resumed builds share them.
+the zoo (``<zoo>/pairs/<task_id>.safetensors``) so members and resumed builds share them.  Every
+cache that depends on the source images carries their identity (URI, count, size, pixel digest).
 
 Per kept epoch a member records val/train L1 (in [0, 1] pixel units), val PSNR, and two
 references on the same validation pairs: the base generator's L1 and the identity's L1 (|x - y|).
@@ -35,7 +43,8 @@ from torch import nn
 from ...storage import exists, join, read_bytes, resolve, safetensors_metadata, write_bytes_atomic
 from .. import architectures
 from .. import editor as E
-from .base import Family, Recipe, Task, freeze_batchnorm, make_optimizer, register_family, snapshot
+from .. import sources as S
+from .base import Family, Recipe, Task, freeze_batchnorm, make_optimizer, plan_tasks, register_family, snapshot
 
 __all__ = ["Concepts", "base_generator_state", "load_base_generator", "task_pairs", "BASE_DIR"]
 
@@ -61,6 +70,7 @@ class Concepts(Family):
 
     def check(self, spec) -> None:
         co = spec.concepts
+        S.check_sources(co.sources, co.sources_column, co.num_images)
         if co.editor != "procedural":
             if not co.editor.startswith("diffusers:"):
                 raise ValueError(f"concepts.editor: {co.editor!r} is not 'procedural' or 'diffusers:<path>'")
@@ -112,8 +122,32 @@ class Concepts(Family):
 
 # --------------------------------------------------------------------------- data
 @lru_cache(maxsize=2)
-def _sources(n: int, size: int, seed: int) -> torch.Tensor:
+def _procedural(n: int, size: int, seed: int) -> torch.Tensor:
     return E.make_images(n, size, seed)
+
+
+def _sources(spec) -> torch.Tensor:
+    """The ``num_images`` source images [N, 3, S, S] in [0, 1] (made in code, or the user's)."""
+    co = spec.concepts
+    if co.sources == "procedural":
+        return _procedural(co.num_images, co.image_size, co.image_seed)
+    return S.load_sources(co.sources, co.sources_column, co.num_images, co.image_size, co.image_seed).images
+
+
+def _source_identity(spec) -> dict | None:
+    """What identifies user source images in cache keys (None for procedural ones: the seed does)."""
+    co = spec.concepts
+    if co.sources == "procedural":
+        return None
+    return S.load_sources(co.sources, co.sources_column, co.num_images, co.image_size, co.image_seed).identity
+
+
+def _split(spec, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices) of the source images: one split shared by every task."""
+    g = torch.Generator().manual_seed(10_000 + spec.concepts.image_seed)
+    perm = torch.randperm(n, generator=g)
+    n_val = max(1, int(n * spec.val_fraction))
+    return perm[n_val:], perm[:n_val]
 
 
 _EDITORS: dict = {}
@@ -129,23 +163,22 @@ def _editor(spec, device: str):
 def task_pairs(spec, task: Task, device: str = "cpu"):
     """((x_train, y_train), (x_val, y_val)) in [0, 1]: the task's source images and their edits."""
     co = spec.concepts
-    src = _sources(co.num_images, co.image_size, co.image_seed)
+    src = _sources(spec)
     if co.editor == "procedural":
         tgt = E.concept_by_key(task.group).apply(src) if task.group else _editor(spec, device).edit(src, task.condition)
     else:
         tgt = _cached_edit(spec, task, src, device)
-    g = torch.Generator().manual_seed(10_000 + co.image_seed)
-    perm = torch.randperm(len(src), generator=g)
-    n_val = max(1, int(len(src) * spec.val_fraction))
-    tr, va = perm[n_val:], perm[:n_val]
+    tr, va = _split(spec, len(src))
     return (src[tr], tgt[tr]), (src[va], tgt[va])
 
 
 def _cached_edit(spec, task: Task, src: torch.Tensor, device: str) -> torch.Tensor:
     loc = resolve(join(spec.output, "pairs", f"{task.task_id}.safetensors"))
-    meta = json.dumps({"editor": spec.concepts.editor, "options": spec.concepts.editor_options,
-                       "prompt": task.condition, "n": len(src), "size": src.shape[-1],
-                       "image_seed": spec.concepts.image_seed}, sort_keys=True)
+    meta = {"editor": spec.concepts.editor, "options": spec.concepts.editor_options,
+            "prompt": task.condition, "n": len(src), "size": src.shape[-1], "image_seed": spec.concepts.image_seed}
+    if _source_identity(spec) is not None:
+        meta["sources"] = _source_identity(spec)
+    meta = json.dumps(meta, sort_keys=True)
     if exists(loc):
         raw = read_bytes(loc)
         header = safetensors_metadata(raw)
@@ -160,16 +193,74 @@ def _cached_edit(spec, task: Task, src: torch.Tensor, device: str) -> torch.Tens
 _BASE: dict = {}
 
 
+def _mixture_groups(spec) -> list[str]:
+    """The zoo's training concepts (task groups), in task order: what a mixture base learns from."""
+    train, _ = plan_tasks(spec)
+    return list(dict.fromkeys(t.holdout_key for t in train))
+
+
 def _base_config(spec) -> dict:
+    """The base generator's training configuration (compared with the cached one's ``training``).
+    An identity base on procedural images keeps the keys zoos were built with before sources and
+    objectives existed, so their cached bases are still recognised."""
     co = spec.concepts
-    return {"architecture": spec.architecture, "arch_options": spec.arch_options, "image_size": co.image_size,
-            "base_images": co.base_images, "base_lr": co.base_lr, "base_epochs": spec.base_epochs,
-            "batch_size": spec.batch_size, "image_seed": co.image_seed}
+    cfg = {"architecture": spec.architecture, "arch_options": spec.arch_options, "image_size": co.image_size,
+           "base_images": co.base_images, "base_lr": co.base_lr, "base_epochs": spec.base_epochs,
+           "batch_size": spec.batch_size, "image_seed": co.image_seed}
+    mixture = co.base_objective == "mixture"
+    if co.sources != "procedural":
+        cfg["sources"] = _source_identity(spec)
+    if co.sources != "procedural" or (mixture and co.editor != "procedural"):
+        # the base trains on the members' training split of the source images
+        cfg.update(num_images=co.num_images, val_fraction=spec.val_fraction)
+    if mixture:
+        cfg["objective"] = "mixture"
+        cfg["editor"] = co.editor
+        if co.editor != "procedural":
+            cfg["editor_options"] = co.editor_options
+        cfg["concepts"] = _mixture_groups(spec)
+    return cfg
+
+
+def _base_data(spec, device: str):
+    """(X [N, 3, S, S] in [0, 1], targets) of the base generator.  ``targets`` is None (identity),
+    a list of concepts (procedural editor: applied per epoch) or a tensor [T, N, 3, S, S] of the
+    training tasks' edits of X (another editor: the cached pairs, one task per concept)."""
+    co = spec.concepts
+    if co.editor != "procedural" or co.sources != "procedural":
+        tr, _ = _split(spec, co.num_images)              # never the members' validation images
+    if co.base_objective == "identity":
+        if co.sources == "procedural":
+            return E.make_images(co.base_images, co.image_size, seed=co.image_seed + 1), None
+        return _sources(spec)[tr], None
+    groups = _mixture_groups(spec)
+    if co.editor == "procedural":
+        X = E.make_images(co.base_images, co.image_size, seed=co.image_seed + 1) if co.sources == "procedural" \
+            else _sources(spec)[tr]
+        return X, [E.concept_by_key(k) for k in groups]
+    train, _ = plan_tasks(spec)
+    first = {}
+    for t in train:
+        first.setdefault(t.holdout_key, t)
+    pairs = [task_pairs(spec, first[k], device)[0] for k in groups]
+    return pairs[0][0], torch.stack([y for _, y in pairs])
+
+
+def _mixture_targets(X: torch.Tensor, targets, choice: torch.Tensor) -> torch.Tensor:
+    """edit_{choice[i]}(X[i]) for every image, one call per concept drawn."""
+    if isinstance(targets, torch.Tensor):
+        return targets[choice, torch.arange(len(X))]
+    Y = torch.empty_like(X)
+    for c in choice.unique().tolist():
+        m = choice == c
+        Y[m] = targets[c].apply(X[m])
+    return Y
 
 
 def base_generator_state(spec, device: str = "cpu", store: bool = False) -> dict:
     """The zoo's base generator weights: from ``<zoo>/base/generator/`` when it holds one trained with
-    this configuration, else trained here (identity L1 on procedural images) and, with ``store``, cached."""
+    this configuration, else trained here (L1 on identity or on the training concepts' mixture, see
+    the module docstring) and, with ``store``, cached."""
     cfg = _base_config(spec)
     key = (spec.output, json.dumps(cfg, sort_keys=True))
     if key in _BASE:
@@ -181,8 +272,11 @@ def base_generator_state(spec, device: str = "cpu", store: bool = False) -> dict
             _BASE[key] = st_load(read_bytes(resolve(join(root, "diffusion_pytorch_model.safetensors"))))
             return _BASE[key]
         if store:
+            hint = ("; it was trained on identity: set concepts.base_objective: identity to resume this zoo"
+                    if "objective" not in (saved.get("training") or {}) and spec.concepts.base_objective != "identity"
+                    else "")
             raise ValueError(f"output: {root} holds a base generator trained with another configuration "
-                             f"({saved.get('training')}); use another output URI")
+                             f"({saved.get('training')}){hint}; use another output URI")
     co = spec.concepts
     seed = co.image_seed + 7
     torch.manual_seed(seed)
@@ -191,17 +285,23 @@ def base_generator_state(spec, device: str = "cpu", store: bool = False) -> dict
     for n, p in G.named_parameters():
         p.requires_grad_(".lora_" not in f".{n}")
     opt = torch.optim.Adam(params, lr=co.base_lr, betas=(0.5, 0.999))
-    X = (E.make_images(co.base_images, co.image_size, seed=co.image_seed + 1) * 2 - 1).to(device)
+    X01, targets = _base_data(spec, device)
+    X = (X01 * 2 - 1).to(device)
     g = torch.Generator().manual_seed(seed)
     G.train()
     for _ in range(spec.base_epochs):
         perm = torch.randperm(len(X), generator=g)
+        if targets is not None:          # a training concept per image, drawn uniformly each epoch
+            choice = torch.randint(len(targets), (len(X),), generator=g)
+            Y = (_mixture_targets(X01, targets, choice) * 2 - 1).to(device)
         for i in range(0, len(X), spec.batch_size):
-            x = X[perm[i:i + spec.batch_size]]
+            idx = perm[i:i + spec.batch_size]
+            x = X[idx]
             if len(x) < 2:
                 continue
+            y = x if targets is None else Y[idx]
             z = torch.randn(len(x), G.noise_channels, *x.shape[2:], generator=g).to(device)
-            loss = (G(x, z) - x).abs().mean()
+            loss = (G(x, z) - y).abs().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
