@@ -74,6 +74,34 @@ def test_normalisation_round_trip(sd, block_size):
     assert WeightLayout.from_json(L.to_json()) == L
 
 
+def test_element_normalisation_subtracts_the_zoo_mean_at_every_position():
+    """by="element": zeros decode to the per-position mean of the fitted sets, a tensor's residual std
+    scales it, the stats survive JSON, and a position_mean of the wrong size is refused."""
+    sd = _lora_sd()
+    layout = WeightLayout.from_state_dict(sd, rule=1, block_size=16)
+    g = torch.Generator().manual_seed(0)
+    base = layout.tokenize(sd)
+    batch = torch.stack([base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(5)]) * layout.valid_mask
+    L = layout.fit_stats(batch, by="element")
+    assert L.stats_by == "element" and L.same_structure(layout)
+    mean = batch.mean(0)
+    torch.testing.assert_close(L.denormalize(torch.zeros(1, L.num_blocks, L.block_size))[0], mean, rtol=1e-6, atol=1e-5)
+    z = L.normalize(batch)
+    assert torch.all(z[:, ~L.valid_mask] == 0)
+    torch.testing.assert_close(L.denormalize(z), batch, rtol=1e-4, atol=1e-4)
+    # unit variance of the residuals per tensor: the common pattern (base) is gone, not rescaled
+    assert abs(float(z[:, L.valid_mask].pow(2).mean()) - 1.0) < 0.05
+    tensor_stats = layout.fit_stats(batch, by="tensor")
+    assert float(tensor_stats.normalize(batch).mean(0)[L.valid_mask].pow(2).mean()) > 0.5   # tensor stats keep it
+    back = WeightLayout.from_json(L.to_json())
+    assert back == L and back.stats_by == "element"
+    torch.testing.assert_close(back.normalize(batch), z)
+    d = json.loads(L.to_json())
+    d["position_mean"]["shape"] = [L.num_blocks + 1, L.block_size]
+    with pytest.raises(LayoutError, match="position_mean"):
+        WeightLayout.from_dict(d)
+
+
 def _lora_sd():
     return {
         "enc.0.conv.lora_down.weight": torch.arange(2 * 3 * 3 * 3, dtype=torch.float32).view(2, 3, 3, 3),

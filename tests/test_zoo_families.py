@@ -332,6 +332,30 @@ def test_concept_tasks_hold_out_whole_concepts():
                                                                 "give it a sepia tone")
 
 
+def test_max_tasks_holds_out_every_kth_among_the_first_tasks():
+    """A zoo of the first N training concepts holds out the every-k-th concepts among them, not every
+    k-th concept of the whole vocabulary."""
+    s = load_config(ZooSpec, CONCEPTS, ["max_tasks=100", "concepts.max_ops=2", "concepts.paraphrases=1",
+                                        "held_out=[]", "held_out_every=10"])
+    train, held = plan_tasks(s)
+    order = [c.key for c in E.all_concepts()]
+    assert len(train) == 100 and len(held) == 11
+    assert [t.group for t in held] == [order[i] for i in range(9, 111, 10)]
+    assert max(order.index(t.group) for t in train) < 111
+    assert not {t.group for t in train} & {t.group for t in held}
+
+
+@pytest.mark.parametrize("init", ["member", "shared"])
+def test_concept_members_start_from_one_lora_init_when_shared(init):
+    """init: shared gives every member (any seed) the same LoRA factors at the start; member: its own."""
+    s = load_config(ZooSpec, CONCEPTS, [f"init={init}", "held_out=[]"])
+    train, _ = plan_tasks(s)
+    recipe = F.get_family("concepts").recipe(s, train[0])
+    a, b = recipe.build_model(1).state_dict(), recipe.build_model(2).state_dict()
+    downs = [k for k in a if k.endswith("lora_down.weight")]
+    assert downs and all(torch.equal(a[k], b[k]) == (init == "shared") for k in downs)
+
+
 def _tiny_concepts(out) -> list[str]:
     return [f"output={out}", "arch_options={width: 4, res_blocks: 1, heads: 2}", "concepts.image_size=16",
             "concepts.num_images=40", "concepts.base_images=48", "base_epochs=4", "hparams.epochs=[6,6]",
