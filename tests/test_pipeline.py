@@ -96,7 +96,7 @@ def test_every_tune_space_key_is_a_pipeline_key(path):
     fields = {f.name for f in dataclasses.fields(PipelineConfig)}
     assert set(space.space) | set(space.fixed) <= fields
     base = load_pipeline_config(space.base_config)
-    assert Path(space.base_config).name == "sweep_base.yaml"
+    assert Path(space.base_config).name in ("sweep_base.yaml", "sweep_denoised_weights.yaml")
     # one value of each distribution, applied as the trial would, passes every stage's checks
     over = []
     for key, dist in space.space.items():

@@ -28,7 +28,7 @@ def test_space_errors_name_the_field(tmp_path):
         load_space(base, ["space={blok_size: {grid_search: [128]}}"])
     with pytest.raises(ConfigError, match="fixed.rounds"):
         load_space(base, ["fixed={rounds: many}"])
-    bad.write_text(base.read_text().replace("jobs/configs/sweep_base.yaml", "nope.yaml"))
+    bad.write_text(base.read_text().replace("jobs/configs/sweep_denoised_weights.yaml", "nope.yaml"))
     with pytest.raises(ConfigError, match="base_config"):
         load_space(bad)
 
