@@ -115,9 +115,10 @@ class DenoisedWeights(GeneratorMethod):
         rows = n * nb if chunk_blocks <= 0 else chunk_blocks
 
         def run(x, tt, cc, b):
-            kw = cc.model_kwargs() if isinstance(cc, TokenCondition) else {"encoder_hidden_states": cc}
-            # guidance doubles the rows of a forward: the block indices repeat with them
-            return model(x, tt, b.repeat(x.shape[0] // b.shape[0]), **kw)
+            b = b.repeat(x.shape[0] // b.shape[0])      # guidance doubles the rows of a forward: indices repeat too
+            if isinstance(cc, TokenCondition):
+                return model(x, tt, b, **cc.model_kwargs())
+            return model(x, tt, b, cc)
 
         out = []
         for s in range(0, n * nb, rows):
