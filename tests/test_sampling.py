@@ -249,7 +249,7 @@ def test_token_conditioned_export_samples_per_prompt(zoo_uri, tmp_path):
     s = load_sampler(str(tmp_path / "dw_tokens"), "one_step", t=600, device="cpu")
     assert s.method.uses_tokens and s.method.conditions.has_tokens
     a, b = s.sample(conds[0], 2, 7), s.sample(conds[1], 2, 7)
-    assert bool(torch.isfinite(a).all()) and float((a - b).abs().mean()) > 1e-2 * float(a.abs().mean())
+    assert bool(torch.isfinite(a).all()) and not torch.allclose(a, b, atol=1e-3)     # the prompt reaches the samples
     assert torch.equal(s.sample(conds[0], 2, 7), a)                     # deterministic per seed
     null = load_sampler(str(tmp_path / "dw_tokens"), "one_step", t=600, device="cpu", guidance_scale=0.0)
     assert torch.equal(null.sample(conds[0], 2, 7), null.sample(conds[1], 2, 7))
