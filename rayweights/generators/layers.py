@@ -57,12 +57,16 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_mask`` [B, T] bool: True where a key/value token may be attended to (padding False;
+        every row needs at least one True)."""
         B, N, C = x.shape
         ctx = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
-        sh = lambda t: t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(sh(q), sh(k), sh(v))
+        sh = lambda t: t.reshape(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]      # [B, 1, 1, T]: all heads, queries
+        out = F.scaled_dot_product_attention(sh(q), sh(k), sh(v), attn_mask=attn_mask)
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -79,7 +83,8 @@ class GEGLU(nn.Module):
 
 class Transformer1D(nn.Module):
     """Over the length of a [B, C, L] map: self-attention, cross-attention to ``context``
-    [B, T, context_dim] (skipped when the generator is unconditioned), GEGLU feed-forward."""
+    [B, T, context_dim] (skipped when the generator is unconditioned; ``context_mask`` [B, T] bool
+    masks padding tokens out of it), GEGLU feed-forward."""
 
     def __init__(self, channels: int, heads: int, context_dim: int | None, max_groups: int = 32):
         super().__init__()
@@ -91,11 +96,12 @@ class Transformer1D(nn.Module):
         self.ln3, self.ff = nn.LayerNorm(channels), GEGLU(channels)
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.proj_in(self.norm(x).transpose(1, 2))
         h = h + self.attn1(self.ln1(h))
         if self.attn2 is not None and context is not None:
-            h = h + self.attn2(self.ln2(h), context)
+            h = h + self.attn2(self.ln2(h), context, context_mask)
         h = h + self.ff(self.ln3(h))
         return x + self.proj_out(h).transpose(1, 2)
 

@@ -47,9 +47,11 @@ def get_preset(method: str, name: str) -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------- Denoised Weights
 _UNET = dict(layers_per_block=2, context_tokens=4, index_encoding_dim=128)
+# max_groups 8: at the default 32 every GroupNorm of 16/32 channels has one channel per group, and the
+# norm after each ResBlock's embedding shift removes it (emb_t, emb_n and emb_c would reach nothing)
 register_preset("denoised_weights", "tiny", {"denoiser": dict(
     _UNET, block_channels=[16, 32], attention_levels=[False, True], num_heads=2, layers_per_block=1,
-    index_encoding_dim=32, context_tokens=2, mid_attention=False)})
+    index_encoding_dim=32, context_tokens=2, mid_attention=False, max_groups=8)})
 register_preset("denoised_weights", "small", {"denoiser": dict(
     _UNET, block_channels=[64, 128, 256], attention_levels=[False, True, True], num_heads=4)})
 register_preset("denoised_weights", "base", {"denoiser": dict(     # ~108 M: the MFU benchmark model

@@ -5,7 +5,7 @@ The same object travels to the Ray Train workers (``method.to_state()`` in the t
 
     generator.json            the JSON fields below (format_version, method, preset, scheduler, ...)
     layout.json               the zoo layout with its normalisation stats
-    conditions.safetensors    the condition cache (conditioned methods)
+    conditions.safetensors    the condition cache (conditioned methods; with token states when tokens-conditioned)
     data_stats.safetensors    fitted data statistics (p-diff standardisation; absent = identity)
 
 ``pretrained`` (model folders of finished stages) and ``features_bank`` (D2NWG's dataset features of

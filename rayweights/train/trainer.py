@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from .. import runtime          # runtime.ray_init at call time: tests can forbid starting Ray
 from ..blocks import WeightLayout
-from ..conditioning import ConditionCache, ConditioningError, TextEncoder
+from ..conditioning import ConditioningError
 from ..config import ConfigError, to_dict
 from ..errors import JobFailed, UserError
 from ..generators import METHODS, GeneratorError, build_method
@@ -150,10 +150,7 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
     kwargs: dict = dict(model_overrides=cfg.model, scheduler=cfg.scheduler, cond_dropout=cfg.cond_dropout)
     try:
         if klass.conditioning == "text":
-            enc = TextEncoder(cfg.text_encoder)
-            cache = ConditionCache(conds, enc.encode(conds), "text",
-                                   "default" if cfg.text_encoder in ("", "default") else enc.name_or_path)
-            kwargs.update(conditions=cache, text_encoder=cfg.text_encoder)
+            kwargs.update(text_encoder=cfg.text_encoder)
         elif klass.conditioning == "dataset":
             opts = {"samples_per_class": cfg.dataset_samples_per_class, "seed": cfg.seed}
             try:
@@ -164,6 +161,8 @@ def preflight(cfg: GeneratorTrainConfig) -> Plan:
                 opts["zoo_spec"] = to_dict(spec)
             kwargs.update(condition_names=conds, dataset_options=opts)
         method = build_method(cfg.method, layout, cfg.preset, **kwargs)
+        if klass.conditioning == "text":     # every prompt encoded once (token states too in tokens mode)
+            method.build_condition_cache(conds, "default" if cfg.text_encoder in ("", "default") else None)
         if klass.conditioning == "dataset":
             method.build_features_bank()
         if hasattr(method, "fit_input_stats"):       # p-diff: per-coordinate input standardisation

@@ -17,7 +17,9 @@ and the condition encoders/cache, and offers:
 Classifier-free guidance (conditioned methods): with ``cond_dropout`` p > 0 the diffusion stage's
 ``prepare`` replaces each row's condition by the *null condition* with probability p (torch's RNG);
 the null condition is a fixed all-zeros vector of the condition width (no extra learned state, so
-the model state and its files are unchanged).  ``sample(..., guidance_scale=s)`` then uses
+the model state and its files are unchanged); token-conditioned methods (``uses_tokens``: a
+Denoised Weights generator with ``condition_mode: tokens``) null a row to zero token states whose
+mask keeps only position 0 and a zero pooled vector (:meth:`TokenCondition.null`).  ``sample(..., guidance_scale=s)`` then uses
 ``out_null + s * (out_cond - out_null)`` with the same zeros vector; s = 1 is plain conditional
 sampling (one pass), s = 0 sampling with the null condition.  ``cond_dropout`` is saved with the
 generator, and guidance on a generator trained with p = 0 is refused.
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from ...blocks import WeightLayout
-from ...conditioning import ConditionCache, TextEncoder
+from ...conditioning import ConditionCache, TextEncoder, TokenCondition
 from ...config import check_keywords
 from ...storage import resolve
 from ..diffusion import SchedulerConfig, denoise, guided, make_scheduler
@@ -63,6 +65,10 @@ def build_method(name: str, layout: WeightLayout, preset: str = "tiny", **kwargs
     if name not in METHODS:
         raise GeneratorError(f"method: unknown method {name!r} (known: {sorted(METHODS)})")
     return METHODS[name](layout, preset, **kwargs)
+
+
+def _cond_device(cond) -> torch.device:
+    return cond.mask.device if isinstance(cond, TokenCondition) else cond.device
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -177,27 +183,39 @@ class GeneratorMethod:
             self._text_encoder = TextEncoder(self.text_encoder_name)
         return self._text_encoder
 
+    @property
+    def uses_tokens(self) -> bool:
+        """Whether the model cross-attends to token states (a :class:`TokenCondition` per row)."""
+        return False
+
     def condition_table(self, device) -> torch.Tensor:
         if self.conditions is None:
             raise GeneratorError(f"method {self.name}: no condition embeddings (build the condition cache first)")
         return self.conditions.embeddings.to(device)
 
-    def encode_conditions(self, conditions: Sequence[str | None], device="cpu") -> torch.Tensor | None:
-        """Embeddings [n, D] for conditions (the cache, else the frozen encoder); None if unconditioned."""
+    def encode_conditions(self, conditions: Sequence[str | None], device="cpu") -> torch.Tensor | TokenCondition | None:
+        """Embeddings [n, D] for conditions (the cache, else the frozen encoder) — a :class:`TokenCondition`
+        (tokens, mask, pooled) for token-conditioned methods; None if unconditioned."""
         if self.conditioning is None:
             return None
         if any(c is None for c in conditions):
             raise GeneratorError(f"method {self.name} is {self.conditioning}-conditioned: a condition is required")
         missing = [c for c in dict.fromkeys(conditions) if self.conditions is None or c not in self.conditions]
         if missing:
-            emb = self._encode_new(missing)
+            new = self._encode_new(missing)
+            tok = new if isinstance(new, TokenCondition) else None
+            emb = tok.pooled if tok is not None else new
             if self.conditions is None:
-                self.conditions = ConditionCache(missing, emb, self.conditioning, self._encoder_name())
+                self.conditions = (ConditionCache.from_tokens(missing, tok, self.conditioning, self._encoder_name())
+                                   if tok is not None else
+                                   ConditionCache(missing, emb, self.conditioning, self._encoder_name()))
             else:
-                self.conditions.extend(missing, emb)
+                self.conditions.extend(missing, emb, tok)
+        if self.uses_tokens:
+            return self.conditions.lookup_tokens(conditions).to(device)
         return self.conditions.lookup(conditions).to(device)
 
-    def _encode_new(self, conditions: list[str]) -> torch.Tensor:
+    def _encode_new(self, conditions: list[str]) -> torch.Tensor | TokenCondition:
         raise GeneratorError(f"method {self.name}: cannot encode conditions {conditions[:3]}")
 
     def _encoder_name(self) -> str:
@@ -223,26 +241,43 @@ class GeneratorMethod:
         x0 = L.normalize(w.view(-1, L.num_blocks, L.block_size)).view(w.shape[0], -1)
         return {"x0": x0, "mask": L.valid_mask.to(device).view(1, -1)}
 
-    def _cond(self, batch, device) -> torch.Tensor:
+    def _cond(self, batch, device) -> torch.Tensor | TokenCondition:
+        """The rows' conditions, gathered from the cache by the batch's ``cond_id`` (the table
+        carries ids, never embeddings or token states)."""
         if "cond_id" not in batch:
             raise GeneratorError(f"method {self.name}: batch has no 'cond_id' column")
         ids = batch["cond_id"].to(device).long()
         if bool((ids < 0).any()):
             raise GeneratorError("batch: a row's condition is not in the condition cache")
+        if self.uses_tokens:
+            if self.conditions is None:
+                raise GeneratorError(f"method {self.name}: no condition embeddings (build the condition cache first)")
+            return self._token_table(device)[ids]
         return self.condition_table(device)[ids]
 
-    def _train_cond(self, batch, device) -> torch.Tensor:
-        """The diffusion stage's conditions: each row nulled (all zeros) with probability ``cond_dropout``."""
+    def _token_table(self, device) -> TokenCondition:
+        """The cache's token conditions on ``device``, copied there once per cache size."""
+        key = (str(device), len(self.conditions), id(self.conditions))
+        memo = getattr(self, "_token_memo", None)
+        if memo is None or memo[0] != key:
+            memo = (key, self.conditions.token_condition().to(device))
+            self._token_memo = memo
+        return memo[1]
+
+    def _train_cond(self, batch, device) -> torch.Tensor | TokenCondition:
+        """The diffusion stage's conditions: each row nulled (:meth:`null_condition`) with probability
+        ``cond_dropout``."""
         cond = self._cond(batch, device)
         if self.cond_dropout > 0:
-            drop = torch.rand(cond.shape[0], device=cond.device) < self.cond_dropout
-            cond = cond.masked_fill(drop.unsqueeze(-1), 0.0)
+            drop = torch.rand(len(cond), device=_cond_device(cond)) < self.cond_dropout
+            cond = cond.null_rows(drop) if isinstance(cond, TokenCondition) else cond.masked_fill(drop.unsqueeze(-1), 0.0)
         return cond
 
     @staticmethod
-    def null_condition(cond: torch.Tensor) -> torch.Tensor:
-        """The null condition of classifier-free guidance: all zeros, the shape of ``cond``."""
-        return torch.zeros_like(cond)
+    def null_condition(cond: torch.Tensor | TokenCondition) -> torch.Tensor | TokenCondition:
+        """The null condition of classifier-free guidance, the shape of ``cond``: all zeros; for a
+        :class:`TokenCondition` zero tokens whose mask keeps position 0 only, and a zero pooled vector."""
+        return cond.null() if isinstance(cond, TokenCondition) else torch.zeros_like(cond)
 
     def prepare(self, stage: str, batch: Mapping[str, torch.Tensor], device="cpu") -> dict[str, torch.Tensor]:
         raise NotImplementedError

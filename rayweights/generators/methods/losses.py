@@ -32,12 +32,19 @@ class EpsilonLoss(nn.Module):
         self.scheduler = DDPMScheduler(**scheduler.to_dict())     # not a module: no buffers cast to bf16
 
     def forward(self, x0: torch.Tensor, cond: torch.Tensor | None = None, block_index: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cond_tokens: torch.Tensor | None = None,
+                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``cond``: the condition vector; with ``cond_tokens`` [B, T, D] / ``cond_mask`` [B, T] (a
+        token-conditioned BlockUNet1D) the token states cross-attended to, and ``cond`` their pooled vector."""
         x0 = x0.float()
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.scheduler.add_noise(x0, noise, t)
-        pred = self.denoiser(x_t, t, block_index, cond) if self.blockwise else self.denoiser(x_t, t, cond)
+        if cond_tokens is not None:
+            pred = self.denoiser(x_t, t, block_index, cond_tokens, encoder_attention_mask=cond_mask,
+                                 pooled_projections=cond)
+        else:
+            pred = self.denoiser(x_t, t, block_index, cond) if self.blockwise else self.denoiser(x_t, t, cond)
         return _masked_mean((pred.float() - training_target(self.scheduler, x0, noise, t)) ** 2, mask)
 
 
