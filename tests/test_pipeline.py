@@ -213,6 +213,7 @@ DW_EVAL = ["method=one_step", "t=500", "family_options={metric: fid, fid_images:
            "max_zoo_members=8"]
 
 
+@pytest.mark.slow
 def test_denoised_weights_pipeline_end_to_end(ray_local, tmp_path):
     from rayweights.generators import load_generator
     from rayweights.zoo import plan_tasks
