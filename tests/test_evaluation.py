@@ -319,3 +319,24 @@ def test_family_options_typos_fail_at_load_naming_the_key():
         load_config(EvaluateConfig, None, ["family_options={optimiser: sgd}"])        # the zoo's family, later
     assert load_config(EvaluateConfig, None, ["family=concepts", "family_options={metric: l1, fid: false}"])
     assert load_config(EvaluateConfig, None, ["family_options={lr: 0.01}"]).family_options == {"lr": 0.01}
+
+
+def test_comparison_table_counts_reached_targets_and_takes_median_speedups():
+    """The pipeline's summary: per initialisation, how many tasks reached random's final value and the
+    median speed-up over them, an infinite one (reached at epoch 0, written as null) included."""
+    from rayweights.evaluation.report import comparison_table
+
+    def row(e0, fin, ep, sp, t, spt):
+        return {"epoch0": e0, "final": fin, "epochs_to_target": ep, "speedup_epochs": sp,
+                "time_to_target": t, "speedup_time": spt}
+
+    tasks = [{"condition": c, "metric": "fid", "epochs": 4, "samples": {"generated": {"n": 2, "best": 1, "avg": 2,
+                                                                                       "median": 2}},
+              "table": {"random": row(9, 5, 4, 1.0, 2.0, 1.0), "generated": g}}
+             for c, g in (("a", row(6, 4, 2, 2.0, 1.5, 4 / 3)), ("b", row(4, 3, 0, None, 0.0, None)),
+                          ("c", row(8, 6, None, None, None, None)))]
+    md = comparison_table({"tasks": tasks, "verdict": []})
+    gen = next(line for line in md.splitlines() if line.startswith("| (a) generated"))
+    assert gen.split("|")[4:7] == [" 2/3 ", " ∞ ", " ∞ "]          # median of {2, inf} is inf
+    rnd = next(line for line in md.splitlines() if line.startswith("| (b) random"))
+    assert rnd.split("|")[4:7] == [" 3/3 ", " 1.00 ", " 1.00 "]
