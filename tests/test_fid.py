@@ -7,6 +7,7 @@ adapter trains (another ~15 s)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -366,3 +367,36 @@ def test_concepts_fid_with_a_diffusers_editor_uses_the_cached_validation_pairs(t
     m = ad.evaluate(ad.build_model(0))
     assert (m["fid_n_generated"], m["fid_n_target"]) == (n, n) and m["fid"] >= 0
     assert ad.metric_set("test")[0] is ad.split["test"][0]
+
+
+def test_extractor_weights_do_not_depend_on_the_thread_count(tmp_path):
+    """A driver and a Tune trial run with different thread counts: the zoo's extractor they train must
+    be the same network, or their FIDs do not compare."""
+    from rayweights.evaluation.fid import ensure_trained_extractor
+
+    threads = torch.get_num_threads()
+    try:
+        sds = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            sds.append(ensure_trained_extractor(str(tmp_path / f"t{n}"), 16, n_per_op=4, steps=30).state_dict())
+            assert torch.get_num_threads() == n               # restored after training
+    finally:
+        torch.set_num_threads(threads)
+    assert sds[0].keys() == sds[1].keys() and all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+
+
+def test_a_retokenised_zoo_uses_its_source_zoos_extractor(tmp_path, monkeypatch):
+    from rayweights.evaluation import fid
+
+    made = []
+    monkeypatch.setattr(fid, "ensure_trained_extractor", lambda path, size: made.append((path, size)))
+    src, dst = tmp_path / "zoo", tmp_path / "zoo-b128-r1"
+    for d, meta in ((src, {}), (dst, {"retokenized_from": str(src)})):
+        d.mkdir()
+        (d / "zoo_spec.json").write_text(json.dumps(meta))
+    assert fid.zoo_extractor_spec(str(dst), 16) == f"trained:{src / 'extractor'}"
+    assert made == [(str(src / "extractor"), 16)]
+    # a source that is gone: the zoo makes its own
+    (src / "zoo_spec.json").unlink()
+    assert fid.zoo_extractor_spec(str(dst), 16) == f"trained:{dst / 'extractor'}"

@@ -243,8 +243,13 @@ def ensure_trained_extractor(path: str, image_size: int = 16, seed: int = 0, *, 
     if os.path.exists(path):
         return _load_trained(path)
     images, labels, names = edit_op_training_set(n_per_op, image_size, seed)
-    model, report = train_feature_extractor(images, labels, len(names), dim=dim, steps=steps, seed=seed,
-                                            class_names=names)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # one thread: the same weights in every process (a driver, a Tune trial, a
+    try:                            # Ray task), so FIDs of extractors made apart compare
+        model, report = train_feature_extractor(images, labels, len(names), dim=dim, steps=steps, seed=seed,
+                                                class_names=names)
+    finally:
+        torch.set_num_threads(threads)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{uuid.uuid4().hex}")
@@ -488,10 +493,18 @@ def zoo_extractor_spec(zoo_uri: str, image_size: int) -> str:
     ``<zoo>/extractor/config.json`` exists it is used; otherwise the extractor is trained into the
     local cache ``$RAYWEIGHTS_CACHE/extractors/<hash of the zoo URI>-s<size>/`` (default
     ``~/.cache/rayweights``) and uploaded to ``<zoo>/extractor/`` file by file, ``config.json`` last (what
-    readers check), so later readers on any node load the one copy."""
-    from ..storage import StorageError, exists, resolve, write_bytes_atomic
+    readers check), so later readers on any node load the one copy.  A zoo re-tokenised from another
+    (``retokenized_from`` in its ``zoo_spec.json``) uses the source zoo's extractor: its FIDs compare with
+    the source's and with every other re-tokenisation's (a block-size or grouping-rule sweep)."""
+    from ..storage import StorageError, exists, read_bytes, resolve, write_bytes_atomic
 
     try:
+        try:                        # a re-tokenised zoo (same members, same images) uses its source's extractor
+            src = json.loads(read_bytes(resolve(zoo_uri).join("zoo_spec.json"))).get("retokenized_from")
+        except (FileNotFoundError, ValueError):
+            src = None
+        if src and src != zoo_uri and exists(resolve(src).join("zoo_spec.json")):
+            return zoo_extractor_spec(src, image_size)
         loc = resolve(zoo_uri).join(EXTRACTOR_DIR)
         if not loc.is_s3:
             ensure_trained_extractor(loc.path, image_size)
